@@ -1,0 +1,242 @@
+"""Command line: `netpass lab ...`, `netpass demo`, `netpass bench`, `netpass guest`.
+
+Every failure netpass understands ends as one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
+
+from netpass import __version__
+from netpass.errors import NetpassError, UsageError
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line instead of argparse's usage dump.
+        sys.stderr.write(f"netpass: error: {message} (see: {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _rate(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: give frames per second") from None
+    if not 1 <= v <= 50000:
+        raise argparse.ArgumentTypeError(f"rate {v} out of range 1..50000 pps")
+    return v
+
+
+def _progress_printer() -> Callable[[object], None]:
+    from netpass.orchestrator import Progress
+
+    last = [""]
+
+    def show(p: object) -> None:
+        assert isinstance(p, Progress)
+        line = f"{p.phase:<10} {p.status:<16}"
+        if p.ram_total:
+            line += f" RAM remaining {p.ram_remaining / 2**20:7.1f} / {p.ram_total / 2**20:.0f} MiB"
+        if line != last[0] and err_console.is_terminal:
+            err_console.print(line, end="\r", highlight=False)
+            last[0] = line
+
+    return show
+
+
+# --- lab ---------------------------------------------------------------------------------------
+def cmd_lab_up(a: argparse.Namespace) -> int:
+    from netpass import lab
+
+    st = lab.up(a.name, nics=a.nics)
+    s = st.status()
+    out_console.print(
+        f"lab {st.name} up: VM {', '.join(s['vm']['ip'])} on host A ({st.accel}), "
+        f"client namespace {st.client_ns}"
+    )
+    return 0
+
+
+def cmd_lab_down(a: argparse.Namespace) -> int:
+    from netpass import lab
+
+    removed = lab.down(a.name)
+    out_console.print(f"lab {a.name} down: removed {len(removed)} objects")
+    return 0
+
+
+def cmd_lab_status(a: argparse.Namespace) -> int:
+    from netpass import lab
+
+    st = lab.load(a.name)
+    s = st.status()
+    if a.json:
+        print(json.dumps(s, indent=2))
+    else:
+        out_console.print_json(json.dumps(s))
+    return 0
+
+
+def _write_outputs(runs: list[object], json_path: str | None, png_path: str | None) -> None:
+    from netpass import report
+
+    recs = [r for r in runs if isinstance(r, report.RunRecord)]
+    report.print_table(recs, out_console)
+    if json_path:
+        report.write_json(recs, json_path)
+        out_console.print(f"JSON: {json_path}")
+    if png_path:
+        report.plot_timeline(recs, png_path)
+        out_console.print(f"timeline PNG: {png_path}")
+
+
+def _stock_driver(
+    postcopy: bool, downtime: int | None, show: Callable[[object], None] | None
+) -> Callable[[dict[str, object]], object]:
+    from netpass.orchestrator import migrate_stock
+
+    def drive(s: dict[str, object]):  # type: ignore[no-untyped-def]
+        src = s["source"]
+        dst = s["destination"]
+        assert isinstance(src, dict) and isinstance(dst, dict)
+        return migrate_stock(
+            src["qmp"], dst["qmp"], str(s["migration_uri"]), postcopy=postcopy,
+            downtime_ms=downtime, progress=show,
+        )  # fmt: skip
+
+    return drive
+
+
+def lab_trial(name: str, mode: str, postcopy: bool, rate: int, downtime: int | None) -> object:
+    from netpass import lab, trial
+
+    st = lab.load(name)
+    lab.ensure_incoming(st, paused=(mode == "netpass"))
+    label = f"{mode} {'postcopy' if postcopy else 'precopy'} {rate} pps"
+    show = _progress_printer()
+    return trial.run_trial(st, label, rate, _stock_driver(postcopy, downtime, show))  # type: ignore[arg-type]
+
+
+def cmd_lab_migrate(a: argparse.Namespace) -> int:
+    if a.mode != "stock":
+        raise UsageError("--mode netpass is not available yet in this build")
+    run = lab_trial(a.name, a.mode, a.postcopy, a.rate, a.downtime)
+    _write_outputs([run], a.json, a.png)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from netpass import lab
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lab.up(a.name)
+    try:
+        run = lab_trial(a.name, "stock", False, a.rate, None)
+    finally:
+        lab.down(a.name)
+    _write_outputs([run], str(out / "demo.json"), str(out / "demo-timeline.png"))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from netpass import bench
+
+    bench.run_bench(
+        name=a.name, modes=a.mode, runs=a.runs, rates=a.rates, postcopy_runs=a.postcopy_runs,
+        out_md=Path(a.out), raw_json=Path(a.raw) if a.raw else None, console=out_console,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_guest_build(a: argparse.Namespace) -> int:
+    from netpass import guest
+
+    img = guest.build(progress=True)
+    out_console.print(f"kernel {img.kernel}\ninitrd {img.initrd}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="netpass", description="Lossless network switchover for QEMU live migration")
+    p.add_argument("--version", action="version", version=f"netpass {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    labp = sub.add_parser("lab", help="the built-in two-host lab")
+    labsub = labp.add_subparsers(dest="lab_command", required=True, parser_class=_Parser)
+    name_kw = {"default": "nplab", "help": "lab name / prefix of everything it creates"}
+    up = labsub.add_parser("up", help="create namespaces, boot the VM on host A")
+    up.add_argument("--name", **name_kw)  # type: ignore[arg-type]
+    up.add_argument("--nics", type=int, default=1, help="NICs per VM (1-4)")
+    up.set_defaults(func=cmd_lab_up)
+    down = labsub.add_parser("down", help="remove everything the lab created")
+    down.add_argument("--name", **name_kw)  # type: ignore[arg-type]
+    down.set_defaults(func=cmd_lab_down)
+    status = labsub.add_parser("status", help="what is up: namespaces, VM, taps, QMP, PIDs")
+    status.add_argument("--name", **name_kw)  # type: ignore[arg-type]
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_lab_status)
+    mig = labsub.add_parser("migrate", help="one migration under a probe, with a report")
+    mig.add_argument("--name", **name_kw)  # type: ignore[arg-type]
+    mig.add_argument("--mode", choices=["stock", "netpass"], default="stock")
+    mig.add_argument("--postcopy", action="store_true")
+    mig.add_argument("--rate", type=_rate, default=1000, help="probe rate, pps (default 1000)")
+    mig.add_argument("--downtime", type=int, default=None, help="downtime-limit in ms")
+    mig.add_argument("--json", metavar="FILE", help="write the run as JSON")
+    mig.add_argument("--png", metavar="FILE", help="write the timeline PNG")
+    mig.set_defaults(func=cmd_lab_migrate)
+
+    demo = sub.add_parser("demo", help="lab up, migrations under a probe, report, lab down")
+    demo.add_argument("--name", default="npdemo")
+    demo.add_argument("--rate", type=_rate, default=1000)
+    demo.add_argument("--out", default="out", help="directory for JSON and PNG")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="repeated migrations, docs/BENCHMARKS.md")
+    bench.add_argument("--name", default="npbench")
+    bench.add_argument("--mode", action="append", choices=["stock", "netpass"], default=None)
+    bench.add_argument("--runs", type=int, default=5, help="precopy runs per cell")
+    bench.add_argument("--postcopy-runs", type=int, default=None, help="postcopy runs per cell")
+    bench.add_argument("--rates", type=_rate, nargs="+", default=[1000, 5000])
+    bench.add_argument("--out", default="docs/BENCHMARKS.md")
+    bench.add_argument("--raw", default=None, help="also write every run as JSON here")
+    bench.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("guest", help="guest image")
+    gsub = g.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
+    gb = gsub.add_parser("build", help="build (or find cached) kernel + initramfs")
+    gb.set_defaults(func=cmd_guest_build)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("lab", "demo", "bench") or args.command == "guest":
+            from netpass.sysutil import require_root
+
+            require_root()
+        rc: int = args.func(args)
+        return rc
+    except NetpassError as e:
+        err_console.print(f"netpass: {e}", highlight=False, markup=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("netpass: interrupted", highlight=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The built-in lab: a client, a learning "physical switch" and two hypervisor hosts.
+
+Topology (every name carries the lab's prefix, default `nplab`):
+
+    {p}-cli  eth0 ──── p-cli ┐
+                             {p}-sw  br0 (learning bridge)
+    {p}-ha   br0 ─ up0 ─ p-ha ┘ │
+      └ tap<i>n<k> ← QEMU       │
+    {p}-hb   br0 ─ up0 ─ p-hb ──┘
+      └ tap<i>n<k> ← QEMU
+
+QEMU processes run inside the host namespaces; QMP sockets, serial logs and the state file live in
+/run/netpass/<lab>/. `down` works from the state file and from the names alone, so it also cleans
+up after a crash or a killed run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netpass import guest, netns, vm
+from netpass.errors import LabError, NetpassError, UsageError
+from netpass.sysutil import require_root, require_tool, run
+
+RUN_DIR = Path("/run/netpass")
+DEFAULT_NAME = "nplab"
+SUBNET = "10.77"
+CLIENT_HOST = 1
+VM_HOST = 100
+HOST_ADDR = {"a": 11, "b": 12}
+MIGRATION_PORT = 4444
+NAME_RE = re.compile(r"^np[a-z0-9]{1,8}$")
+
+
+@dataclass
+class Instance:
+    """One QEMU process of the lab VM (the VM exists in one instance at a time, plus incoming)."""
+
+    idx: int
+    host: str  # "a" or "b"
+    name: str
+    pid: int
+    qmp: str
+    serial: str
+    pidfile: str
+    taps: list[str]
+    incoming: bool
+    paused: bool
+
+
+@dataclass
+class LabState:
+    name: str
+    accel: str
+    kernel: str
+    initrd: str
+    nics: int
+    vm_host: str  # host whose QEMU currently runs the VM
+    next_idx: int = 0
+    instances: list[Instance] = field(default_factory=list)
+
+    # Derived names -------------------------------------------------------------------------
+    def ns(self, role: str) -> str:
+        return f"{self.name}-{role}"
+
+    @property
+    def client_ns(self) -> str:
+        return self.ns("cli")
+
+    @property
+    def switch_ns(self) -> str:
+        return self.ns("sw")
+
+    def host_ns(self, host: str) -> str:
+        return self.ns(f"h{host}")
+
+    @staticmethod
+    def vm_ip(nic: int) -> str:
+        return f"{SUBNET}.{nic}.{VM_HOST}"
+
+    @staticmethod
+    def vm_mac(nic: int) -> str:
+        return f"52:54:00:4e:50:{nic + 1:02x}"
+
+    @staticmethod
+    def host_ip(host: str) -> str:
+        return f"{SUBNET}.0.{HOST_ADDR[host]}"
+
+    @property
+    def run_dir(self) -> Path:
+        return RUN_DIR / self.name
+
+    def migration_uri(self, dst_host: str) -> str:
+        return f"tcp:{self.host_ip(dst_host)}:{MIGRATION_PORT}"
+
+    def instance(self, host: str, incoming: bool) -> Instance | None:
+        return next(
+            (i for i in self.instances if i.host == host and i.incoming == incoming), None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabState:
+        insts = [Instance(**i) for i in d.pop("instances", [])]
+        return cls(**d, instances=insts)
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.rename(self.run_dir / "state.json")
+
+    def status(self) -> dict[str, Any]:
+        """Everything an outside tool needs to drive traffic and migrations."""
+        src = self.instance(self.vm_host, incoming=False)
+        other = "b" if self.vm_host == "a" else "a"
+        dst = self.instance(other, incoming=True)
+
+        def inst(i: Instance | None) -> dict[str, Any] | None:
+            if i is None:
+                return None
+            return {
+                "host": i.host, "netns": self.host_ns(i.host), "pid": i.pid, "qmp": i.qmp,
+                "taps": i.taps, "serial": i.serial, "incoming": i.incoming, "paused": i.paused,
+                "alive": vm.alive(i.pid),
+            }  # fmt: skip
+
+        return {
+            "name": self.name,
+            "accel": self.accel,
+            "namespaces": {
+                "client": self.client_ns, "switch": self.switch_ns,
+                "host_a": self.host_ns("a"), "host_b": self.host_ns("b"),
+            },  # fmt: skip
+            "client_ip": [f"{SUBNET}.{k}.{CLIENT_HOST}" for k in range(self.nics)],
+            "vm": {
+                "ip": [self.vm_ip(k) for k in range(self.nics)],
+                "mac": [self.vm_mac(k) for k in range(self.nics)],
+                "host": self.vm_host,
+            },
+            "hosts": {h: {"ip": self.host_ip(h), "netns": self.host_ns(h)} for h in "ab"},
+            "source": inst(src),
+            "destination": inst(dst),
+            "migration_uri": self.migration_uri(other),
+        }
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid lab name {name!r}: use 'np' followed by 1-8 lowercase letters or digits"
+        )
+
+
+@contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Serialise lab commands on one lab (two `lab up` at once must not interleave)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RUN_DIR / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def load(name: str = DEFAULT_NAME) -> LabState:
+    check_name(name)
+    path = RUN_DIR / name / "state.json"
+    try:
+        return LabState.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise LabError(f"lab {name} is not up (run: netpass lab up)") from None
+    except (ValueError, TypeError) as e:
+        raise LabError(f"lab {name} state file {path} is corrupt ({e}); run: netpass lab down")
+
+
+def is_up(name: str) -> bool:
+    return (RUN_DIR / name / "state.json").exists() or bool(netns.list_names(f"{name}-"))
+
+
+def _create_topology(st: LabState) -> None:
+    for role in ("cli", "sw", "ha", "hb"):
+        run(["ip", "netns", "add", st.ns(role)])
+        run(["ip", "link", "set", "lo", "up"], netns=st.ns(role))
+    sw = st.switch_ns
+    run(["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+        netns=sw)  # fmt: skip
+    run(["ip", "link", "set", "br0", "up"], netns=sw)
+    run(["ip", "link", "add", "eth0", "netns", st.client_ns, "type", "veth",
+         "peer", "name", "p-cli", "netns", sw])  # fmt: skip
+    cli = st.client_ns
+    for k in range(st.nics):
+        run(["ip", "addr", "add", f"{SUBNET}.{k}.{CLIENT_HOST}/24", "dev", "eth0"], netns=cli)
+    run(["ip", "link", "set", "eth0", "up"], netns=cli)
+    run(["ip", "link", "set", "p-cli", "master", "br0", "up"], netns=sw)
+    for h in "ab":
+        hns = st.host_ns(h)
+        run(["ip", "link", "add", "up0", "netns", hns, "type", "veth",
+             "peer", "name", f"p-h{h}", "netns", sw])  # fmt: skip
+        run(["ip", "link", "set", f"p-h{h}", "master", "br0", "up"], netns=sw)
+        run(["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0",
+             "forward_delay", "0"], netns=hns)  # fmt: skip
+        run(["ip", "link", "set", "up0", "master", "br0", "up"], netns=hns)
+        run(["ip", "addr", "add", f"{st.host_ip(h)}/24", "dev", "br0"], netns=hns)
+        run(["ip", "link", "set", "br0", "up"], netns=hns)
+
+
+def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Instance:
+    """Create the taps on `host`'s bridge and start a QEMU there (booted, or waiting incoming)."""
+    idx = st.next_idx
+    st.next_idx += 1
+    hns = st.host_ns(host)
+    taps = [f"tap{idx}n{k}" for k in range(st.nics)]
+    for tap in taps:
+        run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
+        run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
+    name = f"{st.name}-vm{idx}"
+    d = st.run_dir
+    spec = vm.VmSpec(
+        name=name, netns=hns,
+        nics=[vm.Nic(t, st.vm_mac(k), f"{st.vm_ip(k)}/24") for k, t in enumerate(taps)],
+        qmp_path=d / f"vm{idx}.qmp", serial_path=d / f"vm{idx}.serial",
+        pidfile=d / f"vm{idx}.pid", accel=st.accel, incoming=incoming, paused=paused,
+    )  # fmt: skip
+    image = guest.GuestImage(Path(st.kernel), Path(st.initrd), "")
+    pid = vm.start(spec, image)
+    inst = Instance(idx, host, name, pid, str(spec.qmp_path), str(spec.serial_path),
+                    str(spec.pidfile), taps, incoming, paused)  # fmt: skip
+    st.instances.append(inst)
+    st.save()
+    if not incoming:
+        vm.wait_ready(spec.serial_path, 90, pid)
+    return inst
+
+
+def stop_instance(st: LabState, inst: Instance) -> None:
+    vm.kill(inst.pid, inst.name)
+    for tap in inst.taps:
+        run(["ip", "link", "del", tap], netns=st.host_ns(inst.host), check=False)
+    st.instances.remove(inst)
+    st.save()
+
+
+def flush_learning(st: LabState) -> None:
+    """Forget where the VM was: switch and host bridges' FDB, the client's ARP cache."""
+    run(["ip", "link", "set", "br0", "type", "bridge", "fdb_flush"], netns=st.switch_ns)
+    for h in "ab":
+        run(["ip", "link", "set", "br0", "type", "bridge", "fdb_flush"], netns=st.host_ns(h))
+    run(["ip", "neigh", "flush", "dev", "eth0"], netns=st.client_ns)
+
+
+def up(name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True) -> LabState:
+    require_root()
+    check_name(name)
+    if not 1 <= nics <= 4:
+        raise UsageError("--nics must be between 1 and 4")
+    require_tool(vm.QEMU, "qemu-system-x86")
+    require_tool("ip", "iproute2")
+    with locked(name):
+        if is_up(name):
+            raise UsageError(f"lab {name} is already up (run: netpass lab down --name {name})")
+        image = guest.build(progress=progress)
+        st = LabState(name=name, accel="tcg", kernel=str(image.kernel),
+                      initrd=str(image.initrd), nics=nics, vm_host="a")  # fmt: skip
+        try:
+            st.run_dir.mkdir(parents=True, exist_ok=True)
+            st.save()
+            _create_topology(st)
+            st.accel = vm.choose_accel(st.host_ns("a"), image, st.run_dir)
+            if progress:
+                print(f"netpass: booting the VM in {st.host_ns('a')} ({st.accel})", flush=True)
+            start_instance(st, "a", incoming=False, paused=False)
+            start_instance(st, "b", incoming=True, paused=False)
+        except (NetpassError, OSError) as e:
+            _teardown(name)
+            raise LabError(f"lab up failed, everything removed: {e}") from e
+        return st
+
+
+def ensure_incoming(st: LabState, paused: bool) -> Instance:
+    """An incoming QEMU on the host that does not run the VM, started with -S when `paused`."""
+    other = "b" if st.vm_host == "a" else "a"
+    inst = st.instance(other, incoming=True)
+    if inst is not None and (inst.paused != paused or not vm.alive(inst.pid)):
+        stop_instance(st, inst)
+        inst = None
+    return inst or start_instance(st, other, incoming=True, paused=paused)
+
+
+def migrated(st: LabState) -> None:
+    """Record a completed migration: the old source quits, the incoming one runs the VM."""
+    old = st.instance(st.vm_host, incoming=False)
+    if old is not None:
+        stop_instance(st, old)
+    other = "b" if st.vm_host == "a" else "a"
+    new = st.instance(other, incoming=True)
+    if new is not None:
+        new.incoming = False
+    st.vm_host = other
+    st.save()
+
+
+def fresh_vm(st: LabState, paused_incoming: bool = False) -> None:
+    """Kill every QEMU of the lab and boot a new VM on host A (a fresh run for benchmarks)."""
+    for inst in list(st.instances):
+        stop_instance(st, inst)
+    st.vm_host = "a"
+    flush_learning(st)
+    start_instance(st, "a", incoming=False, paused=False)
+    start_instance(st, "b", incoming=True, paused=paused_incoming)
+
+
+def _teardown(name: str) -> list[str]:
+    """Remove every trace of lab `name`; returns what was removed. Never raises for leftovers."""
+    removed: list[str] = []
+    state_file = RUN_DIR / name / "state.json"
+    try:
+        st = LabState.from_dict(json.loads(state_file.read_text()))
+        for inst in st.instances:
+            if vm.is_our_qemu(inst.pid, inst.name):
+                vm.kill(inst.pid, inst.name)
+                removed.append(f"process {inst.pid} ({inst.name})")
+    except (OSError, ValueError, TypeError):
+        pass
+    # Anything still running inside our namespaces was started by the lab (QEMU, probes);
+    # tc objects and taps inside them go away with the namespaces.
+    for ns_name in netns.list_names(f"{name}-"):
+        for pid in netns.pids_in(ns_name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                removed.append(f"process {pid} in {ns_name}")
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+        run(["ip", "netns", "del", ns_name], check=False)
+        removed.append(f"namespace {ns_name}")
+    shutil.rmtree(RUN_DIR / name, ignore_errors=True)
+    return removed
+
+
+def down(name: str = DEFAULT_NAME) -> list[str]:
+    require_root()
+    check_name(name)
+    with locked(name):
+        return _teardown(name)

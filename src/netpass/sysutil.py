@@ -1,0 +1,35 @@
+"""Small host helpers: running commands with one-line errors, root and tool checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from netpass.errors import HostError
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise HostError("netpass needs root (network namespaces, taps and tc); run it with sudo")
+
+
+def require_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HostError(f"{name} not found: install the Debian package {package}")
+    return path
+
+
+def run(
+    argv: Sequence[str], *, netns: str | None = None, check: bool = True, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (inside `netns` when given); on failure raise HostError with its stderr."""
+    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = err[-1] if err else f"exit code {proc.returncode}"
+        raise HostError(f"command failed: {' '.join(full)}: {detail}")
+    return proc
