@@ -1,3 +1,3 @@
-"""netpass: lossless network switchover for QEMU live migration, driven from the management layer."""
+"""netpass: lossless network switchover for QEMU live migration, from the management layer."""
 
 __version__ = "0.1.0"

@@ -6,17 +6,23 @@ Every failure netpass understands ends as one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
 
 from netpass import __version__
 from netpass.errors import NetpassError, UsageError
+from netpass.orchestrator import Progress, ProgressFn
+from netpass.results import MigrationTiming
+
+if TYPE_CHECKING:
+    from netpass.bench import Cell
+    from netpass.report import RunRecord
+    from netpass.trial import Driver
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -39,13 +45,10 @@ def _rate(text: str) -> int:
     return v
 
 
-def _progress_printer() -> Callable[[object], None]:
-    from netpass.orchestrator import Progress
-
+def _progress_printer() -> ProgressFn:
     last = [""]
 
-    def show(p: object) -> None:
-        assert isinstance(p, Progress)
+    def show(p: Progress) -> None:
         line = f"{p.phase:<10} {p.status:<16}"
         if p.ram_total:
             line += f" RAM remaining {p.ram_remaining / 2**20:7.1f} / {p.ram_total / 2**20:.0f} MiB"
@@ -89,10 +92,9 @@ def cmd_lab_status(a: argparse.Namespace) -> int:
     return 0
 
 
-def _write_outputs(runs: list[object], json_path: str | None, png_path: str | None) -> None:
+def _write_outputs(recs: list[RunRecord], json_path: str | None, png_path: str | None) -> None:
     from netpass import report
 
-    recs = [r for r in runs if isinstance(r, report.RunRecord)]
     report.print_table(recs, out_console)
     if json_path:
         report.write_json(recs, json_path)
@@ -102,36 +104,42 @@ def _write_outputs(runs: list[object], json_path: str | None, png_path: str | No
         out_console.print(f"timeline PNG: {png_path}")
 
 
-def _stock_driver(
-    postcopy: bool, downtime: int | None, show: Callable[[object], None] | None
-) -> Callable[[dict[str, object]], object]:
+def lab_driver(mode: str, postcopy: bool, downtime: int | None, show: ProgressFn | None) -> Driver:
+    """A trial driver that migrates the lab VM from its status dict, in the given mode."""
     from netpass.orchestrator import migrate_stock
 
-    def drive(s: dict[str, object]):  # type: ignore[no-untyped-def]
-        src = s["source"]
-        dst = s["destination"]
-        assert isinstance(src, dict) and isinstance(dst, dict)
+    if mode != "stock":
+        raise UsageError("--mode netpass is not available yet in this build")
+
+    def drive(s: dict[str, Any]) -> Coroutine[Any, Any, MigrationTiming]:
         return migrate_stock(
-            src["qmp"], dst["qmp"], str(s["migration_uri"]), postcopy=postcopy,
-            downtime_ms=downtime, progress=show,
-        )  # fmt: skip
+            s["source"]["qmp"],
+            s["destination"]["qmp"],
+            s["migration_uri"],
+            postcopy=postcopy,
+            downtime_ms=downtime,
+            progress=show,
+        )
 
     return drive
 
 
-def lab_trial(name: str, mode: str, postcopy: bool, rate: int, downtime: int | None) -> object:
+def driver_for_cell(cell: Cell) -> Driver:
+    return lab_driver(cell.mode, cell.postcopy, None, None)
+
+
+def lab_trial(name: str, mode: str, postcopy: bool, rate: int, downtime: int | None) -> RunRecord:
     from netpass import lab, trial
 
     st = lab.load(name)
     lab.ensure_incoming(st, paused=(mode == "netpass"))
     label = f"{mode} {'postcopy' if postcopy else 'precopy'} {rate} pps"
-    show = _progress_printer()
-    return trial.run_trial(st, label, rate, _stock_driver(postcopy, downtime, show))  # type: ignore[arg-type]
+    return trial.run_trial(
+        st, label, rate, lab_driver(mode, postcopy, downtime, _progress_printer())
+    )
 
 
 def cmd_lab_migrate(a: argparse.Namespace) -> int:
-    if a.mode != "stock":
-        raise UsageError("--mode netpass is not available yet in this build")
     run = lab_trial(a.name, a.mode, a.postcopy, a.rate, a.downtime)
     _write_outputs([run], a.json, a.png)
     return 0
@@ -155,9 +163,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from netpass import bench
 
     bench.run_bench(
-        name=a.name, modes=a.mode, runs=a.runs, rates=a.rates, postcopy_runs=a.postcopy_runs,
-        out_md=Path(a.out), raw_json=Path(a.raw) if a.raw else None, console=out_console,
-    )  # fmt: skip
+        name=a.name,
+        modes=a.mode,
+        runs=a.runs,
+        rates=a.rates,
+        postcopy_runs=a.postcopy_runs,
+        out_md=Path(a.out),
+        raw_json=Path(a.raw) if a.raw else None,
+        console=out_console,
+    )
     return 0
 
 

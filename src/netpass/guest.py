@@ -43,7 +43,9 @@ INIT_SCRIPT = f"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in {" ".join(Path(m).stem for m in MODULES)}; do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
+for m in {" ".join(Path(m).stem for m in MODULES)}; do
+  insmod /lib/modules/$m.ko || echo "insmod $m failed"
+done
 ip link set lo up
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -73,8 +75,7 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     for name, mode, data in [*entries, ("TRAILER!!!", 0, b"")]:
         nameb = name.encode() + b"\0"
         hdr = "070701" + "".join(
-            f"{v:08x}"
-            for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nameb), 0)
+            f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nameb), 0)
         )
         out.write(hdr.encode() + nameb)
         out.write(b"\0" * (-(110 + len(nameb)) % 4))
@@ -87,9 +88,7 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 def _kernel_package() -> tuple[str, str]:
     """(package name, version) of the newest Debian cloud kernel apt knows."""
     deps = run(["apt-cache", "depends", KERNEL_META_PACKAGE], check=False).stdout
-    name = next(
-        (ln.split()[-1] for ln in deps.splitlines() if "Depends: linux-image-" in ln), None
-    )
+    name = next((ln.split()[-1] for ln in deps.splitlines() if "Depends: linux-image-" in ln), None)
     if name is None:
         run(["apt-get", "update", "-q"], timeout=600)
         deps = run(["apt-cache", "depends", KERNEL_META_PACKAGE]).stdout
@@ -114,7 +113,11 @@ def _download_deb(name: str, version: str, dest: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         subprocess.run(
             ["apt-get", "download", "-q", f"{name}={version}" if version else name],
-            cwd=tmp, capture_output=True, text=True, check=False, timeout=600,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
         )
         debs = list(Path(tmp).glob("*.deb"))
         if not debs:

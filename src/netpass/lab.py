@@ -105,9 +105,7 @@ class LabState:
         return f"tcp:{self.host_ip(dst_host)}:{MIGRATION_PORT}"
 
     def instance(self, host: str, incoming: bool) -> Instance | None:
-        return next(
-            (i for i in self.instances if i.host == host and i.incoming == incoming), None
-        )
+        return next((i for i in self.instances if i.host == host and i.incoming == incoming), None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,18 +131,26 @@ class LabState:
             if i is None:
                 return None
             return {
-                "host": i.host, "netns": self.host_ns(i.host), "pid": i.pid, "qmp": i.qmp,
-                "taps": i.taps, "serial": i.serial, "incoming": i.incoming, "paused": i.paused,
+                "host": i.host,
+                "netns": self.host_ns(i.host),
+                "pid": i.pid,
+                "qmp": i.qmp,
+                "taps": i.taps,
+                "serial": i.serial,
+                "incoming": i.incoming,
+                "paused": i.paused,
                 "alive": vm.alive(i.pid),
-            }  # fmt: skip
+            }
 
         return {
             "name": self.name,
             "accel": self.accel,
             "namespaces": {
-                "client": self.client_ns, "switch": self.switch_ns,
-                "host_a": self.host_ns("a"), "host_b": self.host_ns("b"),
-            },  # fmt: skip
+                "client": self.client_ns,
+                "switch": self.switch_ns,
+                "host_a": self.host_ns("a"),
+                "host_b": self.host_ns("b"),
+            },
             "client_ip": [f"{SUBNET}.{k}.{CLIENT_HOST}" for k in range(self.nics)],
             "vm": {
                 "ip": [self.vm_ip(k) for k in range(self.nics)],
@@ -182,7 +188,9 @@ def load(name: str = DEFAULT_NAME) -> LabState:
     except FileNotFoundError:
         raise LabError(f"lab {name} is not up (run: netpass lab up)") from None
     except (ValueError, TypeError) as e:
-        raise LabError(f"lab {name} state file {path} is corrupt ({e}); run: netpass lab down")
+        raise LabError(
+            f"lab {name} state file {path} is corrupt ({e}); run: netpass lab down"
+        ) from e
 
 
 def is_up(name: str) -> bool:
@@ -194,11 +202,28 @@ def _create_topology(st: LabState) -> None:
         run(["ip", "netns", "add", st.ns(role)])
         run(["ip", "link", "set", "lo", "up"], netns=st.ns(role))
     sw = st.switch_ns
-    run(["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
-        netns=sw)  # fmt: skip
+    run(
+        ["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+        netns=sw,
+    )
     run(["ip", "link", "set", "br0", "up"], netns=sw)
-    run(["ip", "link", "add", "eth0", "netns", st.client_ns, "type", "veth",
-         "peer", "name", "p-cli", "netns", sw])  # fmt: skip
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            st.client_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p-cli",
+            "netns",
+            sw,
+        ]
+    )
     cli = st.client_ns
     for k in range(st.nics):
         run(["ip", "addr", "add", f"{SUBNET}.{k}.{CLIENT_HOST}/24", "dev", "eth0"], netns=cli)
@@ -206,11 +231,28 @@ def _create_topology(st: LabState) -> None:
     run(["ip", "link", "set", "p-cli", "master", "br0", "up"], netns=sw)
     for h in "ab":
         hns = st.host_ns(h)
-        run(["ip", "link", "add", "up0", "netns", hns, "type", "veth",
-             "peer", "name", f"p-h{h}", "netns", sw])  # fmt: skip
+        run(
+            [
+                "ip",
+                "link",
+                "add",
+                "up0",
+                "netns",
+                hns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"p-h{h}",
+                "netns",
+                sw,
+            ]
+        )
         run(["ip", "link", "set", f"p-h{h}", "master", "br0", "up"], netns=sw)
-        run(["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0",
-             "forward_delay", "0"], netns=hns)  # fmt: skip
+        run(
+            ["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+            netns=hns,
+        )
         run(["ip", "link", "set", "up0", "master", "br0", "up"], netns=hns)
         run(["ip", "addr", "add", f"{st.host_ip(h)}/24", "dev", "br0"], netns=hns)
         run(["ip", "link", "set", "br0", "up"], netns=hns)
@@ -228,15 +270,30 @@ def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Ins
     name = f"{st.name}-vm{idx}"
     d = st.run_dir
     spec = vm.VmSpec(
-        name=name, netns=hns,
+        name=name,
+        netns=hns,
         nics=[vm.Nic(t, st.vm_mac(k), f"{st.vm_ip(k)}/24") for k, t in enumerate(taps)],
-        qmp_path=d / f"vm{idx}.qmp", serial_path=d / f"vm{idx}.serial",
-        pidfile=d / f"vm{idx}.pid", accel=st.accel, incoming=incoming, paused=paused,
-    )  # fmt: skip
+        qmp_path=d / f"vm{idx}.qmp",
+        serial_path=d / f"vm{idx}.serial",
+        pidfile=d / f"vm{idx}.pid",
+        accel=st.accel,
+        incoming=incoming,
+        paused=paused,
+    )
     image = guest.GuestImage(Path(st.kernel), Path(st.initrd), "")
     pid = vm.start(spec, image)
-    inst = Instance(idx, host, name, pid, str(spec.qmp_path), str(spec.serial_path),
-                    str(spec.pidfile), taps, incoming, paused)  # fmt: skip
+    inst = Instance(
+        idx,
+        host,
+        name,
+        pid,
+        str(spec.qmp_path),
+        str(spec.serial_path),
+        str(spec.pidfile),
+        taps,
+        incoming,
+        paused,
+    )
     st.instances.append(inst)
     st.save()
     if not incoming:
@@ -271,8 +328,14 @@ def up(name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True) -> LabSta
         if is_up(name):
             raise UsageError(f"lab {name} is already up (run: netpass lab down --name {name})")
         image = guest.build(progress=progress)
-        st = LabState(name=name, accel="tcg", kernel=str(image.kernel),
-                      initrd=str(image.initrd), nics=nics, vm_host="a")  # fmt: skip
+        st = LabState(
+            name=name,
+            accel="tcg",
+            kernel=str(image.kernel),
+            initrd=str(image.initrd),
+            nics=nics,
+            vm_host="a",
+        )
         try:
             st.run_dir.mkdir(parents=True, exist_ok=True)
             st.save()

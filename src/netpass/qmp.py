@@ -52,20 +52,17 @@ class Qmp:
             raise UsageError(f"{self.side} QMP socket {self.path} does not exist")
         try:
             await asyncio.wait_for(self.client.connect(self.path), timeout)
-        except (ConnectError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ConnectError, OSError) as e:
             raise UsageError(f"cannot connect to {self.side} QMP socket {self.path}: {e}") from e
         self.client.register_listener(self._listener)
         self._task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
         async for msg in self._listener:
-            ts = msg.get("timestamp", {})
-            ev = Event(
-                self.side,
-                str(msg["event"]),
-                int(ts.get("seconds", 0)) * 1_000_000_000 + int(ts.get("microseconds", 0)) * 1000,
-                dict(msg.get("data", {})),
-            )
+            ts: dict[str, int] = msg.get("timestamp", {})  # type: ignore[assignment]
+            data: dict[str, Any] = msg.get("data", {})  # type: ignore[assignment]
+            t_ns = int(ts.get("seconds", 0)) * 1_000_000_000 + int(ts.get("microseconds", 0)) * 1000
+            ev = Event(self.side, str(msg["event"]), t_ns, dict(data))
             async with self._changed:
                 self.events.append(ev)
                 self._changed.notify_all()
@@ -82,7 +79,7 @@ class Qmp:
         try:
             return await self.client.execute(name, args or None)
         except ExecuteError as e:
-            raise MigrationError(f"{self.side} QEMU refused {name}: {e.error.desc}") from e
+            raise MigrationError(f"{self.side} QEMU refused {name}: {e.error.error.desc}") from e
         except QMPError as e:
             raise MigrationError(f"{self.side} QMP connection failed during {name}: {e}") from e
 
@@ -106,7 +103,7 @@ class Qmp:
 
         try:
             return await asyncio.wait_for(waiter(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise MigrationError(f"timed out after {timeout:.0f} s waiting for {what}") from None
 
     def peer_pid(self) -> int:

@@ -19,8 +19,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 from netpass import lab
 from netpass.errors import LabError
@@ -84,11 +85,27 @@ def probe(st: lab.LabState, rate: int, nic: int = 0) -> Iterator[Callable[[], Pr
 
     out = Path(tempfile.mkdtemp(prefix="netpass-probe-")) / "probe.json"
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", st.client_ns, sys.executable, "-m", "netpass.probe",
-         "--target", st.vm_ip(nic), "--rate", str(rate), "--duration", "3600",
-         "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            "ip",
+            "netns",
+            "exec",
+            st.client_ns,
+            sys.executable,
+            "-m",
+            "netpass.probe",
+            "--target",
+            st.vm_ip(nic),
+            "--rate",
+            str(rate),
+            "--duration",
+            "3600",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("PROBE-STARTED"):
@@ -116,11 +133,14 @@ def probe(st: lab.LabState, rate: int, nic: int = 0) -> Iterator[Callable[[], Pr
             proc.wait()
 
 
+Driver = Callable[[dict[str, Any]], Coroutine[Any, Any, MigrationTiming]]
+
+
 def run_trial(
     st: lab.LabState,
     label: str,
     rate: int,
-    driver: Callable[[dict[str, object]], Awaitable[MigrationTiming]],
+    driver: Driver,
     baseline_s: float = 1.0,
     tail_s: float = 1.0,
 ) -> RunRecord:

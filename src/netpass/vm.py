@@ -47,20 +47,46 @@ class VmSpec:
         ips = ",".join(f"eth{i}:{n.ip}" for i, n in enumerate(self.nics))
         cpu = ["-cpu", "qemu64"] if self.accel == "tcg" else ["-cpu", "qemu64,-cx16"]
         argv = [
-            QEMU, "-name", f"{self.name},process={self.name}",
-            "-machine", "pc", "-accel", self.accel, *cpu, "-m", str(self.memory_mb), "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", f"console=ttyS0 quiet panic=-1 netpass.ip={ips}",
-            "-serial", f"file:{self.serial_path}",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-pidfile", str(self.pidfile), "-daemonize",
-        ]  # fmt: skip
+            QEMU,
+            "-name",
+            f"{self.name},process={self.name}",
+            "-machine",
+            "pc",
+            "-accel",
+            self.accel,
+            *cpu,
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(image.kernel),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            f"console=ttyS0 quiet panic=-1 netpass.ip={ips}",
+            "-serial",
+            f"file:{self.serial_path}",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            "-pidfile",
+            str(self.pidfile),
+            "-daemonize",
+        ]
         for i, nic in enumerate(self.nics):
             argv += [
-                "-netdev", f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no,vhost=off",
-                "-device", f"virtio-net-pci,netdev=net{i},mac={nic.mac},id=nic{i}",
-            ]  # fmt: skip
+                "-netdev",
+                f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no,vhost=off",
+                "-device",
+                f"virtio-net-pci,netdev=net{i},mac={nic.mac},id=nic{i}",
+            ]
         if self.incoming:
             argv += ["-incoming", "defer"]
         if self.paused:
@@ -75,8 +101,11 @@ def start(spec: VmSpec, image: GuestImage) -> int:
         p.unlink(missing_ok=True)
     proc = subprocess.run(
         ["ip", "netns", "exec", spec.netns, *spec.argv(image)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LabError(f"QEMU {spec.name} failed to start: {detail}")
@@ -105,11 +134,12 @@ def wait_ready(serial_path: Path, timeout: float = 60.0, pid: int | None = None)
 
 
 def alive(pid: int) -> bool:
+    """True while PID runs; a zombie (exited, waiting for init to reap it) counts as gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def is_our_qemu(pid: int, name: str) -> bool:
@@ -118,8 +148,10 @@ def is_our_qemu(pid: int, name: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and Path(cmdline[0].decode()).name == QEMU and name.encode() in b"".join(
-        cmdline
+    return (
+        bool(cmdline)
+        and Path(cmdline[0].decode()).name == QEMU
+        and name.encode() in b"".join(cmdline)
     )
 
 
@@ -158,9 +190,14 @@ def choose_accel(netns: str, image: GuestImage, workdir: Path, timeout: float = 
         pass
     name = f"{netns}-kvmprobe"
     spec = VmSpec(
-        name=name, netns=netns, nics=[], qmp_path=workdir / "kvmprobe.qmp",
-        serial_path=workdir / "kvmprobe.serial", pidfile=workdir / "kvmprobe.pid", accel="kvm",
-    )  # fmt: skip
+        name=name,
+        netns=netns,
+        nics=[],
+        qmp_path=workdir / "kvmprobe.qmp",
+        serial_path=workdir / "kvmprobe.serial",
+        pidfile=workdir / "kvmprobe.pid",
+        accel="kvm",
+    )
     accel = "tcg"
     pid = None
     try:

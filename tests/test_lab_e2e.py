@@ -1,0 +1,93 @@
+"""End to end on real QEMU (TCG) in real namespaces: lab, probe, stock migrations, teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import leftovers, needs_root, run_cli
+from netpass import lab, trial
+from netpass.analysis import analyze
+from netpass.cli import lab_driver
+
+pytestmark = [needs_root, pytest.mark.e2e]
+
+
+def _ping(st: lab.LabState, seconds: float = 1.0, rate: int = 1000) -> tuple[int, int]:
+    import time
+
+    with trial.probe(st, rate) as finish:
+        time.sleep(seconds)
+        data = finish()
+    stats = analyze(data)
+    return stats.sent, stats.received
+
+
+def test_vm_answers_pings(lab_up: lab.LabState) -> None:
+    sent, received = _ping(lab_up)
+    assert sent > 500
+    assert received == sent
+
+
+def test_status_json_has_what_tools_need(lab_up: lab.LabState) -> None:
+    r = run_cli("lab", "status", "--name", lab_up.name, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["namespaces"]["client"] == f"{lab_up.name}-cli"
+    assert s["vm"]["ip"] == ["10.77.0.100"] and s["vm"]["mac"] == ["52:54:00:4e:50:01"]
+    assert s["source"]["alive"] and s["destination"]["alive"]
+    assert os.path.exists(s["source"]["qmp"]) and s["source"]["taps"]
+    assert s["destination"]["incoming"] is True
+
+
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_stock_migration(lab_up: lab.LabState, postcopy: bool) -> None:
+    st = lab_up
+    before = st.vm_host
+    lab.ensure_incoming(st, paused=False)
+    run = trial.run_trial(st, "t", 1000, lab_driver("stock", postcopy, None, None))
+    t, s = run.timing, run.stats
+    assert t.src_stop_ns is not None and t.dst_resume_ns is not None
+    assert t.true_pause_ms is not None and t.true_pause_ms > 0
+    assert t.qemu_downtime_ms is not None and t.total_time_ms is not None
+    assert s.sent == s.received + s.lost
+    assert s.sent > 1000
+    assert s.lost_in_window > 0  # stock loses frames at switchover
+    assert s.lost_outside_window == 0
+    assert t.announce_ns, "destination announce not seen on the switch port"
+    assert st.vm_host != before
+    # The VM answers from its new host; the old host no longer runs a QEMU for it.
+    assert st.instance(before, incoming=False) is None
+    sent, received = _ping(st, 0.5)
+    assert received == sent
+
+
+def test_lab_up_twice_is_refused(lab_up: lab.LabState) -> None:
+    r = run_cli("lab", "up", "--name", lab_up.name)
+    assert r.returncode == 1
+    assert "already up" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    sent, received = _ping(lab_up, 0.3)  # the running lab is untouched
+    assert received == sent
+
+
+def test_qemu_missing_creates_nothing() -> None:
+    name = "npqx"
+    env = dict(os.environ, PATH="/nonexistent")
+    r = run_cli("lab", "up", "--name", name, env=env)
+    assert r.returncode == 1
+    assert "qemu-system-x86_64 not found" in r.stderr
+    assert leftovers(name) == []
+
+
+def test_down_after_killed_run_leaves_nothing() -> None:
+    """A lab whose CLI died mid-way (state present, processes running) is fully removed."""
+    name = f"npk{os.getpid() % 100000}"
+    st = lab.up(name, progress=False)
+    src = st.instance("a", incoming=False)
+    assert src is not None
+    (lab.RUN_DIR / name / "state.json").write_text("{corrupt")  # as if killed mid-write
+    r = run_cli("lab", "down", "--name", name)
+    assert r.returncode == 0, r.stderr
+    assert leftovers(name) == []
