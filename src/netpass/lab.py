@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from netpass import guest, netns, vm
+from netpass.datapath import tc
 from netpass.errors import LabError, NetpassError, UsageError
 from netpass.sysutil import require_root, require_tool, run
 
@@ -266,6 +267,8 @@ def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Ins
     taps = [f"tap{idx}n{k}" for k in range(st.nics)]
     for tap in taps:
         run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
+        # Like a host's VIF hook would: netpass's qdiscs exist before the tap carries traffic.
+        tc.prepare_tap(tap, netns=hns)
         run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
     name = f"{st.name}-vm{idx}"
     d = st.run_dir

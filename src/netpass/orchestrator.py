@@ -8,14 +8,17 @@ bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from netpass.errors import MigrationError, UsageError
+from netpass.discovery import discover, qemu_has_flag, used_idx
+from netpass.errors import DatapathError, HostError, MigrationError, UsageError
 from netpass.qmp import Event, Qmp, is_event
 from netpass.results import MigrationTiming
+from netpass.switchover import DestNic, SourceNic
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -30,6 +33,15 @@ class Progress:
 
 
 ProgressFn = Callable[[Progress], None]
+
+
+def _params(downtime_ms: int | None, max_bandwidth: int | None) -> dict[str, int]:
+    params = {}
+    if downtime_ms is not None:
+        params["downtime-limit"] = downtime_ms
+    if max_bandwidth is not None:
+        params["max-bandwidth"] = max_bandwidth
+    return params
 
 
 async def _status(q: Qmp) -> str:
@@ -47,6 +59,17 @@ async def _check_ready(src: Qmp, dst: Qmp) -> None:
     d = await _status(dst)
     if d != "inmigrate":
         raise UsageError(f"destination VM is {d!r}: start it with -incoming defer")
+
+
+async def _wait_active(src: Qmp) -> None:
+    ev = await src.wait_event(
+        lambda e: e.name == "MIGRATION" and e.data.get("status") in ("active", *FINAL_STATES),
+        30,
+        what="the migration to become active",
+    )
+    if ev.data["status"] != "active":
+        info = await src.cmd("query-migrate")
+        raise MigrationError(f"migration {ev.data['status']}: {info.get('error-desc', '')}")
 
 
 async def _final_info(src: Qmp) -> dict[str, Any]:
@@ -67,10 +90,13 @@ async def _watch_progress(src: Qmp, progress: ProgressFn | None, phase: list[str
         if progress is not None:
             progress(
                 Progress(
-                    phase[0], str(info.get("status", "")), int(ram.get("remaining", 0)),
-                    int(ram.get("total", 0)), int(ram.get("transferred", 0)),
+                    phase[0],
+                    str(info.get("status", "")),
+                    int(ram.get("remaining", 0)),
+                    int(ram.get("total", 0)),
+                    int(ram.get("transferred", 0)),
                 )
-            )  # fmt: skip
+            )
         await asyncio.sleep(0.1)
 
 
@@ -81,6 +107,7 @@ async def migrate_stock(
     *,
     postcopy: bool = False,
     downtime_ms: int | None = None,
+    max_bandwidth: int | None = None,
     progress: ProgressFn | None = None,
     timeout: float = 300.0,
 ) -> MigrationTiming:
@@ -89,7 +116,8 @@ async def migrate_stock(
     await src.connect()
     try:
         await dst.connect()
-        return await _stock_timeline(src, dst, uri, postcopy, downtime_ms, progress, timeout)
+        params = _params(downtime_ms, max_bandwidth)
+        return await _stock_timeline(src, dst, uri, postcopy, params, progress, timeout)
     finally:
         await src.close()
         await dst.close()
@@ -100,7 +128,7 @@ async def _stock_timeline(
     dst: Qmp,
     uri: str,
     postcopy: bool,
-    downtime_ms: int | None,
+    params: dict[str, int],
     progress: ProgressFn | None,
     timeout: float,
 ) -> MigrationTiming:
@@ -114,8 +142,8 @@ async def _stock_timeline(
         caps.append({"capability": "postcopy-ram", "state": True})
     for q in (src, dst):
         await q.cmd("migrate-set-capabilities", capabilities=caps)
-    if downtime_ms is not None:
-        await src.cmd("migrate-set-parameters", **{"downtime-limit": downtime_ms})
+    if params:
+        await src.cmd("migrate-set-parameters", **params)
 
     # 2. Destination listens, source starts streaming.
     await dst.cmd("migrate-incoming", uri=uri)
@@ -127,7 +155,7 @@ async def _stock_timeline(
         # 3. Postcopy: switch as soon as the stream is active (an idle guest would otherwise
         #    converge in precopy before postcopy ever starts).
         if postcopy:
-            await src.wait_event(is_event("MIGRATION", status="active"), 30, what="active")
+            await _wait_active(src)
             timing.postcopy_start_ns = time.time_ns()
             await src.cmd("migrate-start-postcopy")
             phase[0] = "postcopy"
@@ -135,8 +163,9 @@ async def _stock_timeline(
         # 4. QEMU stops the source by itself when it converges; wait for the end.
         end = await src.wait_event(
             lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
-            timeout, what="migration to finish",
-        )  # fmt: skip
+            timeout,
+            what="migration to finish",
+        )
         if end.data["status"] != "completed":
             raise MigrationError(f"migration {end.data['status']}")
         timing.completed_ns = end.t_ns
@@ -168,3 +197,342 @@ def _fill_info(timing: MigrationTiming, info: dict[str, Any]) -> None:
     timing.setup_time_ms = float(info["setup-time"]) if "setup-time" in info else None
     timing.ram_transferred_bytes = int(ram["transferred"]) if "transferred" in ram else None
     timing.ram_total_bytes = int(ram["total"]) if "total" in ram else None
+
+
+# --- netpass mode ------------------------------------------------------------------------------
+QUIET_S = 0.005  # the source tap has been quiet this long: the switch now points at the dest
+RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME
+
+
+@dataclass
+class Pair:
+    src: SourceNic
+    dst: DestNic
+
+
+async def migrate_netpass(
+    src_qmp: str,
+    dst_qmp: str,
+    uri: str,
+    *,
+    postcopy: bool = False,
+    downtime_ms: int | None = None,
+    max_bandwidth: int | None = None,
+    progress: ProgressFn | None = None,
+    timeout: float = 300.0,
+) -> MigrationTiming:
+    """Migrate with the netpass switchover: no frame that reaches the source is lost."""
+    src, dst = Qmp("src", src_qmp), Qmp("dst", dst_qmp)
+    await src.connect()
+    try:
+        await dst.connect()
+        params = _params(downtime_ms, max_bandwidth)
+        tl = NetpassTimeline(src, dst, uri, postcopy, params, progress, timeout)
+        return await tl.run()
+    finally:
+        await src.close()
+        await dst.close()
+
+
+class NetpassTimeline:
+    """The netpass switchover, one step after the other (see docs/design.md).
+
+    A data-path failure never fails the migration: the migration goes on as a stock one, the
+    frames netpass still held go back to the source VM (or are counted lost) and the error is
+    reported in timing.netpass["error"].
+    """
+
+    def __init__(
+        self,
+        src: Qmp,
+        dst: Qmp,
+        uri: str,
+        postcopy: bool,
+        params: dict[str, int],
+        progress: ProgressFn | None,
+        timeout: float,
+    ) -> None:
+        self.src, self.dst, self.uri = src, dst, uri
+        self.postcopy, self.params, self.progress, self.timeout = (
+            postcopy,
+            params,
+            progress,
+            timeout,
+        )
+        self.timing = MigrationTiming(mode="netpass", postcopy=postcopy)
+        self.pairs: list[Pair] = []
+        self.error: str | None = None
+        self.phase = ["prepare"]
+        self.marks: dict[str, int] = {}
+
+    def _fail_datapath(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = str(e)
+
+    async def run(self) -> MigrationTiming:
+        await _check_ready(self.src, self.dst)
+        await self._prepare()
+        try:
+            await self._capture_on()
+            await self._start_migration()
+            watcher = asyncio.create_task(self._watch())
+            try:
+                ok = await self._switchover()
+                if ok:
+                    await self._deliver()
+                    await self._finish()
+                else:
+                    await self._give_back()
+            finally:
+                watcher.cancel()
+        finally:
+            await self._cleanup()
+        await self._report()
+        return self.timing
+
+    # 1. Prepare: discover NICs and taps, create what must exist before traffic matters.
+    async def _prepare(self) -> None:
+        svm, dvm = await discover(self.src), await discover(self.dst)
+        if not qemu_has_flag(dvm.pid, "-S"):
+            raise UsageError(
+                "destination QEMU was not started with -S: netpass must start it itself, "
+                "after the rescued frames are ready"
+            )
+        by_mac = {n.mac: n for n in dvm.nics}
+        for slot, n in enumerate(svm.nics):
+            d = by_mac.get(n.mac)
+            if d is None:
+                raise UsageError(f"destination has no NIC with MAC {n.mac} (source {n.nic_id})")
+            self.pairs.append(
+                Pair(SourceNic(n, svm.pid, svm.netns, slot), DestNic(d, dvm.pid, dvm.netns))
+            )
+        try:
+            for p in self.pairs:
+                await asyncio.to_thread(p.dst.prepare)
+                await asyncio.to_thread(p.src.prepare)
+        except (DatapathError, HostError) as e:
+            await self._cleanup()
+            raise DatapathError(f"netpass could not prepare the data path: {e}") from e
+        caps = [{"capability": "events", "state": True}]
+        if self.postcopy:
+            caps.append({"capability": "postcopy-ram", "state": True})
+        await self.dst.cmd("migrate-set-capabilities", capabilities=caps)
+        await self.src.cmd(
+            "migrate-set-capabilities",
+            capabilities=[*caps, {"capability": "pause-before-switchover", "state": True}],
+        )
+        if self.params:
+            await self.src.cmd("migrate-set-parameters", **self.params)
+
+    # 2. Capture on: from here every frame for the guest passes through netpass.
+    async def _capture_on(self) -> None:
+        try:
+            for p in self.pairs:
+                await asyncio.to_thread(p.src.capture_on)
+            for p in self.pairs:
+                if not await asyncio.to_thread(p.src.wait_tap_empty):
+                    raise DatapathError(f"source tap {p.src.nic.tap} did not empty")
+                p.src.start_relay(await self._stable_used(p))
+        except DatapathError as e:
+            self._fail_datapath(e)
+            for p in self.pairs:
+                try:
+                    await asyncio.to_thread(p.src.give_back, None)
+                except DatapathError as e2:
+                    self._fail_datapath(e2)
+        self.marks["capture_on"] = time.time_ns()
+
+    async def _stable_used(self, p: Pair) -> int:
+        # Frames QEMU read before the redirect may still wait in its queue for guest buffers:
+        # the count is the baseline only once it stops moving.
+        last = await used_idx(self.src, p.src.nic)
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            now = await used_idx(self.src, p.src.nic)
+            if now == last:
+                return now
+            last = now
+        raise DatapathError(f"{p.src.nic.nic_id}: RX used-idx never settled")
+
+    async def _start_migration(self) -> None:
+        await self.dst.cmd("migrate-incoming", uri=self.uri)
+        self.phase[0] = "precopy"
+        self.timing.migrate_start_ns = time.time_ns()
+        await self.src.cmd("migrate", uri=self.uri)
+        if self.postcopy:
+            await _wait_active(self.src)
+            self.timing.postcopy_start_ns = time.time_ns()
+            await self.src.cmd("migrate-start-postcopy")
+            self.phase[0] = "postcopy"
+
+    async def _watch(self) -> None:
+        """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
+        while True:
+            info = await self.src.cmd("query-migrate")
+            if self.progress is not None:
+                ram = info.get("ram", {})
+                self.progress(
+                    Progress(self.phase[0], str(info.get("status", "")),
+                             int(ram.get("remaining", 0)), int(ram.get("total", 0)),
+                             int(ram.get("transferred", 0)))
+                )  # fmt: skip
+            if info.get("status") in ("active", "postcopy-active") and self.phase[0] != "switch":
+                for p in self.pairs:
+                    with contextlib.suppress(MigrationError):
+                        p.src.observe_used(await used_idx(self.src, p.src.nic))
+            await asyncio.sleep(0.1)
+
+    # 3. Switchover at the source: QEMU stopped the VM by itself and waits in pre-switchover.
+    async def _switchover(self) -> bool:
+        ev = await self.src.wait_event(
+            lambda e: (
+                e.name == "MIGRATION"
+                and e.data.get("status") in ("pre-switchover", "failed", "cancelled")
+            ),
+            self.timeout,
+            what="pre-switchover",
+        )
+        if ev.data["status"] != "pre-switchover":
+            return False
+        self.phase[0] = "switch"
+        self.marks["pre_switchover"] = ev.t_ns
+        try:
+            for p in self.pairs:
+                p.src.stop_relay()
+                p.src.account(await used_idx(self.src, p.src.nic))
+        except (DatapathError, MigrationError) as e:
+            self._fail_datapath(e)
+        await self.src.cmd("migrate-continue", state="pre-switchover")
+        try:
+            for p in self.pairs:
+                await asyncio.to_thread(p.src.drain_tap)
+                await asyncio.to_thread(p.dst.close_and_flush)
+                p.src.set_flush_point()
+        except DatapathError as e:
+            self._fail_datapath(e)
+        # Wait for the destination to have loaded the VM (paused, thanks to -S) and start it.
+        end = await self._dst_loaded()
+        if not end:
+            return False
+        await self.dst.cmd("cont")
+        self.timing.dst_resume_ns = (
+            await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
+        ).t_ns
+        return True
+
+    async def _dst_loaded(self) -> bool:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if any(
+                e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
+                for e in self.src.events
+            ):
+                return False
+            if await _status(self.dst) == "paused":
+                return True
+            await asyncio.sleep(0.001)
+        raise MigrationError("destination did not finish loading the VM")
+
+    # 4. Destination: rescued frames first (bypass skips the closed hold), then the hold opens.
+    async def _deliver(self) -> None:
+        self.phase[0] = "deliver"
+        deadline = time.monotonic() + RESCUE_DEADLINE_S
+        while True:
+            moved = 0
+            for p in self.pairs:
+                try:
+                    frames = p.src.take()
+                    await asyncio.to_thread(p.dst.inject, frames)
+                    moved += len(frames)
+                except DatapathError as e:
+                    self._fail_datapath(e)
+            if moved == 0:
+                if "injected" not in self.marks:
+                    self.marks["injected"] = time.time_ns()
+                if all(p.src.quiet_for() >= QUIET_S for p in self.pairs):
+                    break
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.001)
+            else:
+                self.marks.pop("injected", None)
+        self.marks["released"] = time.time_ns()
+        for p in self.pairs:
+            try:
+                p.src.counters.held = await asyncio.to_thread(p.dst.release)
+            except DatapathError as e:
+                self._fail_datapath(e)
+
+    async def _finish(self) -> None:
+        end = await self.src.wait_event(
+            lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
+            self.timeout,
+            what="migration to finish",
+        )
+        if end.data["status"] != "completed":
+            raise MigrationError(f"migration {end.data['status']}")
+        self.timing.completed_ns = end.t_ns
+        self.phase[0] = "completed"
+        for p in self.pairs:
+            c = p.src.counters
+            c.injected = p.dst.injected
+            # Rescued frames still queued are lost (the source tap outlived the deadline).
+            c.drop(
+                "left after the delivery deadline",
+                c.rescued - c.injected - c.dropped.get("left after the delivery deadline", 0),
+            )
+
+    # 5. Failure or cancel after capture-on: the source VM runs again, frames go back to it.
+    async def _give_back(self) -> None:
+        self.phase[0] = "give-back"
+        await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
+        for p in self.pairs:
+            try:
+                await asyncio.to_thread(p.src.wait_tap_empty)
+                await asyncio.sleep(0.02)
+                u = await used_idx(self.src, p.src.nic)
+                await asyncio.to_thread(p.src.give_back, u)
+            except (DatapathError, MigrationError) as e:
+                self._fail_datapath(e)
+        end = next(e for e in self.src.events if e.name == "MIGRATION" and
+                   e.data.get("status") in ("failed", "cancelled"))  # fmt: skip
+        await self._cleanup()
+        await self._report()
+        raise MigrationError(
+            f"migration {end.data['status']}; the source VM runs again and got back "
+            f"{sum(p.src.counters.returned for p in self.pairs)} frames netpass held"
+        )
+
+    async def _cleanup(self) -> None:
+        # pyroute2's synchronous API cannot run inside the event loop's thread.
+        for p in self.pairs:
+            for side in (p.src, p.dst):
+                try:
+                    await asyncio.to_thread(side.close)
+                except (DatapathError, OSError) as e:
+                    self._fail_datapath(e)
+
+    async def _report(self) -> None:
+        t = self.timing
+        with contextlib.suppress(MigrationError):
+            _fill_info(t, await _final_info(self.src))
+        stop = next((e for e in self.src.events if e.name == "STOP"), None)
+        t.src_stop_ns = stop.t_ns if stop else None
+        if t.src_stop_ns and t.dst_resume_ns:
+            t.true_pause_ms = (t.dst_resume_ns - t.src_stop_ns) / 1e6
+        t.events = [e.to_dict() for e in sorted([*self.src.events, *self.dst.events], key=_t)]
+        nics = [p.src.counters.to_dict() for p in self.pairs]
+        flat: dict[str, object] = {}
+        for key in ("captured", "relayed", "consumed", "drained", "rescued", "injected",
+                    "returned", "held"):  # fmt: skip
+            flat[key] = sum(int(n[key]) for n in nics)
+        flat["dropped"] = sum(sum(n["dropped"].values()) for n in nics)
+        flat["flood discarded at destination"] = sum(p.dst.flood_discarded for p in self.pairs)
+        if "injected" in self.marks and t.dst_resume_ns:
+            flat["rescued injected after RESUME (ms)"] = round(
+                (self.marks["injected"] - t.dst_resume_ns) / 1e6, 2
+            )
+        flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
+        if self.error:
+            flat["error"] = self.error
+        t.netpass = {**flat, "nics": nics}

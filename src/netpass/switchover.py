@@ -1,0 +1,370 @@
+"""The two per-host halves of a netpass switchover, for one NIC each.
+
+SourceNic (on the source host): the tap's egress is redirected to a capture device and netpass
+relays every frame back into the tap with PACKET_QDISC_BYPASS, recording the order. The guest's
+RX used-idx then says exactly how many relayed frames the guest took before QEMU stopped it:
+frames 1..K reached it, K+1.. did not (they sit in the tap queue, in QEMU's internal queue, or
+were purged by the stop). Those, and everything captured after the stop, are owed to the
+destination, in capture order. See docs/design.md.
+
+DestNic (on the destination host): a root-qdisc hold on the tap keeps new frames back while the
+rescued ones are injected with bypass (which skips the hold), then the hold opens.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from netpass.datapath import tapfd, tc
+from netpass.datapath.capture import CaptureDevice, CaptureSocket, Frame
+from netpass.datapath.inject import Injector
+from netpass.discovery import NicInfo
+from netpass.errors import DatapathError
+
+BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
+
+
+@dataclass
+class NicCounters:
+    """Where every captured frame went. captured = consumed + injected + returned + dropped."""
+
+    nic: str
+    captured: int = 0  # frames the redirect took from the source tap
+    relayed: int = 0  # fed through the tap to the running source guest
+    consumed: int = 0  # relayed frames the source guest received before it stopped
+    drained: int = 0  # relayed frames found still queued in the source tap after the stop
+    rescued: int = 0  # frames owed to the destination guest
+    injected: int = 0  # rescued frames delivered into the destination tap
+    returned: int = 0  # frames given back to the source guest (migration failed)
+    held: int = 0  # frames the destination hold kept back and released after the rescued ones
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> frames
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def balanced(self) -> bool:
+        return self.captured == (
+            self.consumed + self.injected + self.returned + sum(self.dropped.values())
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nic": self.nic, "captured": self.captured, "relayed": self.relayed,
+            "consumed": self.consumed, "drained": self.drained, "rescued": self.rescued,
+            "injected": self.injected, "returned": self.returned, "held": self.held,
+            "dropped": dict(self.dropped),
+        }  # fmt: skip
+
+
+class SourceNic:
+    """Capture + relay + exact accounting on the source tap of one NIC."""
+
+    def __init__(self, nic: NicInfo, qemu_pid: int, netns: str, slot: int) -> None:
+        self.nic = nic
+        self.pid = qemu_pid
+        self.netns = netns
+        self.slot = slot
+        self.counters = NicCounters(nic.nic_id)
+        self.cap = CaptureDevice(f"np{qemu_pid % 100000}s{slot}", netns=netns)
+        self._lock = threading.Lock()
+        self._pending: collections.deque[bytes] = collections.deque()  # captured, not relayed
+        self._relayed: list[bytes] = []  # relay order since U0
+        self._relayed_tail: list[bytes] = []  # relayed frames the source guest did not get
+        self._relaying = False
+        self._rescue: collections.deque[bytes] | None = None  # set once accounted
+        self._flush_ns: int | None = None  # after this, floods also reached the destination
+        self._mac = bytes.fromhex(nic.mac.replace(":", ""))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last_capture = time.monotonic()
+        self._used_base: int | None = None  # 16-bit used-idx at relay start
+        self._used_last = 0
+        self._used_total = 0  # unwrapped frames consumed since relay start
+        self._sock: CaptureSocket | None = None
+        self._inj: Injector | None = None
+        self._fd: int | None = None
+        self._hdr = 0
+        self._clsact_created = False
+        self._redirected = False
+
+    # --- set-up and capture -------------------------------------------------------------
+    def prepare(self) -> None:
+        self.cap.create(replace=True)
+        self._clsact_created = tc.ensure_clsact(self.nic.tap, netns=self.netns)
+        self._sock = CaptureSocket(self.cap.ifname, netns=self.netns)
+        self._inj = Injector(self.nic.tap, netns=self.netns)
+        self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
+        self._hdr = tapfd.vnet_hdr_size(self._fd)
+
+    def capture_on(self) -> None:
+        """Redirect the tap's egress; from now on every frame for the guest passes netpass."""
+        tc.add_egress_redirect(self.nic.tap, self.cap.ifname, slot=self.slot, netns=self.netns)
+        self._redirected = True
+        self._thread = threading.Thread(target=self._run, name=f"netpass-{self.nic.tap}")
+        self._thread.start()
+
+    def wait_tap_empty(self, timeout: float = 2.0) -> bool:
+        """Wait until QEMU has read everything queued before the redirect."""
+        assert self._fd is not None
+        deadline = time.monotonic() + timeout
+        while tapfd.queued(self._fd):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def start_relay(self, used_idx: int) -> None:
+        """Start relaying; USED_IDX is the RX used-idx read while nothing was in flight."""
+        with self._lock:
+            self._used_base = self._used_last = used_idx
+            self._relaying = True
+
+    def observe_used(self, used_idx: int) -> None:
+        """Feed a fresh used-idx reading (at least every 65535 frames) to unwrap the counter."""
+        with self._lock:
+            self._used_total += (used_idx - self._used_last) & 0xFFFF
+            self._used_last = used_idx
+
+    def stop_relay(self) -> None:
+        with self._lock:
+            self._relaying = False
+
+    def account(self, used_idx_at_stop: int) -> int:
+        """The VM is stopped: split relayed frames into received (1..K) and owed (K+1..)."""
+        self.observe_used(used_idx_at_stop)
+        with self._lock:
+            self._relaying = False
+            k = self._used_total
+            if k > len(self._relayed):
+                raise DatapathError(
+                    f"{self.nic.nic_id}: guest consumed {k} frames but only "
+                    f"{len(self._relayed)} were relayed (a frame took several RX buffers?)"
+                )
+            self.counters.consumed = k
+            owed = self._relayed[k:]
+            self._rescue = collections.deque([*owed, *self._pending])
+            self._pending.clear()
+            self.counters.rescued = len(self._rescue)
+            self._relayed_tail = owed
+        return k
+
+    def drain_tap(self) -> int:
+        """Read what is still queued in the stopped source tap (a suffix of the owed frames).
+
+        QEMU is stopped and holds at most one frame it read after the stop, so it no longer
+        reads the tap. The drained frames cross-check the accounting.
+        """
+        assert self._fd is not None
+        frames = tapfd.drain(self._fd, self._hdr)
+        self.counters.drained = len(frames)
+        tail = self._relayed_tail[len(self._relayed_tail) - len(frames) :] if frames else []
+        if frames and frames != tail:
+            raise DatapathError(f"{self.nic.nic_id}: tap queue is not a suffix of relayed frames")
+        return len(frames)
+
+    def set_flush_point(self) -> None:
+        """From now on the destination tap receives its own copy of broadcast/multicast."""
+        with self._lock:
+            self._flush_ns = time.time_ns()
+
+    def take(self, max_frames: int = 256) -> list[bytes]:
+        """Next owed frames, in order (only after `account`)."""
+        self._raise_error()
+        with self._lock:
+            q = self._rescue
+            if q is None:
+                return []
+            return [q.popleft() for _ in range(min(max_frames, len(q)))]
+
+    def quiet_for(self) -> float:
+        """Seconds since the last frame was captured."""
+        return time.monotonic() - self._last_capture
+
+    # --- failure path ----------------------------------------------------------------------
+    def give_back(self, used_idx_now: int | None) -> int:
+        """The migration failed and the source VM runs again: re-deliver what it never got.
+
+        USED_IDX_NOW is read once the resumed source has taken what QEMU and the tap queue still
+        held; those were a suffix of the relayed frames, so the missing ones are exactly
+        owed[0 : len(owed) - delivered]. Then the redirect goes away.
+        """
+        with self._lock:
+            self._relaying = False
+            if self._rescue is not None and used_idx_now is not None:
+                delivered = (used_idx_now - self._used_last) & 0xFFFF
+                owed = self._relayed_tail
+                missing = owed[: max(0, len(owed) - delivered)]
+                rest = list(self._rescue)[len(owed) :]
+                self.counters.consumed += min(delivered, len(owed))
+                frames = [*missing, *rest]
+            else:
+                # Still relaying when it failed: relayed frames are in the tap queue of a running
+                # VM and reach it; only the not yet relayed ones are owed.
+                frames = list(self._pending)
+            self._rescue = collections.deque()
+            self._pending.clear()
+        self._stop_thread()
+        assert self._inj is not None
+        for f in frames:
+            self._inj.send(f)
+        self.counters.returned += len(frames)
+        self._unredirect()
+        # Anything captured between the last relay and the filter removal goes back too.
+        assert self._sock is not None
+        late = [fr.data for fr in self._sock.recv_many(100000)]
+        for f in late:
+            self._inj.send(f)
+        self.counters.captured += len(late)
+        self.counters.returned += len(late)
+        return len(frames) + len(late)
+
+    # --- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove everything netpass put on this host for the NIC; safe to call twice."""
+        errors: list[str] = []
+        for step in (self._unredirect, self._stop_thread, self._close_sockets):
+            try:
+                step()
+            except (DatapathError, OSError) as e:
+                errors.append(str(e))
+        # An empty clsact is inert and deleting a qdisc on a live tap drops frames: it stays
+        # (it goes with the tap when the source QEMU exits; `netpass cleanup` removes it).
+        try:
+            self.cap.delete()
+        except (DatapathError, OSError) as e:
+            errors.append(str(e))
+        if errors:
+            raise DatapathError("; ".join(errors))
+
+    def _unredirect(self) -> None:
+        if self._redirected:
+            with contextlib.suppress(DatapathError):  # a tap that is gone took its filters along
+                tc.del_egress_redirect(self.nic.tap, slot=self.slot, netns=self.netns)
+            self._redirected = False
+
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _close_sockets(self) -> None:
+        for obj in (self._sock, self._inj):
+            if obj is not None:
+                obj.close()
+        self._sock = self._inj = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise DatapathError(f"{self.nic.nic_id} relay failed: {self._error}")
+
+    # --- the relay thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            assert self._sock is not None and self._inj is not None
+            while not self._stop.is_set():
+                if not self._sock.wait(0.002):
+                    continue
+                frames = self._sock.recv_many(1024)
+                if frames:
+                    self._last_capture = time.monotonic()
+                with self._lock:
+                    for fr in frames:
+                        self._classify(fr)
+                    if self._relaying:
+                        while self._pending:
+                            f = self._pending[0]
+                            self._inj.send(f)
+                            self._pending.popleft()
+                            self._relayed.append(f)
+                            self.counters.relayed += 1
+        except BaseException as e:  # reported to the orchestrator; never kills the migration
+            self._error = e
+
+    def _classify(self, fr: Frame) -> None:
+        c = self.counters
+        c.captured += 1
+        data = fr.data
+        if data[6:12] == self._mac:
+            c.drop("own frame (the VM's own, flooded back)")
+        elif not self.nic.rx_filter.accepts(data):
+            c.drop("guest RX filter rejects it")
+        elif self._rescue is not None:
+            if (
+                data[0] & BROADCAST_OR_MULTICAST
+                and self._flush_ns is not None
+                and fr.ts_ns >= self._flush_ns
+            ):
+                c.drop("flood also delivered at the destination")
+            else:
+                self._rescue.append(data)
+                c.rescued += 1
+        else:
+            self._pending.append(data)
+
+
+class DestNic:
+    """The destination tap: hold new frames, inject rescued ones first, then release."""
+
+    def __init__(self, nic: NicInfo, qemu_pid: int, netns: str) -> None:
+        self.nic = nic
+        self.pid = qemu_pid
+        self.netns = netns
+        self.hold = tc.Hold(nic.tap, netns=netns)
+        self._inj: Injector | None = None
+        self._fd: int | None = None
+        self._hdr = 0
+        self.flood_discarded = 0
+        self.injected = 0
+        self._hold_created = False
+
+    def prepare(self) -> None:
+        # The destination QEMU is paused (-S) and reads nothing, so grafting the root qdisc on
+        # its tap loses nothing now; deleting it later on a busy tap can drop frames, so a hold
+        # the host prepared in advance (`netpass prepare-tap`) is adopted and left in place.
+        self._hold_created = not tc.has_hold(self.nic.tap, netns=self.netns)
+        self.hold.install_open()
+        self._inj = Injector(self.nic.tap, netns=self.netns)
+        self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
+        self._hdr = tapfd.vnet_hdr_size(self._fd)
+
+    def close_and_flush(self) -> int:
+        """Close the hold, then discard what queued in the tap before: floods the source also
+        captured. The destination QEMU does not read its tap before it runs."""
+        self.hold.close()
+        assert self._fd is not None
+        self.flood_discarded = len(tapfd.drain(self._fd, self._hdr))
+        return self.flood_discarded
+
+    def inject(self, frames: list[bytes]) -> None:
+        assert self._inj is not None
+        for f in frames:
+            self._inj.send(f)
+        self.injected += len(frames)
+
+    def release(self) -> int:
+        """Open the hold; returns how many frames it had kept back."""
+        held = self.hold.stats().qlen if self.hold.closed else 0
+        self.hold.open()
+        return held
+
+    def close(self) -> None:
+        try:
+            self.hold.remove() if self._hold_created else self.hold.open()
+        finally:
+            if self._inj is not None:
+                self._inj.close()
+                self._inj = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
