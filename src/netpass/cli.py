@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich.console import Console
 
 from netpass import __version__
-from netpass.errors import NetpassError, UsageError
+from netpass.errors import NetpassError
 from netpass.orchestrator import Progress, ProgressFn
 from netpass.results import MigrationTiming
 
