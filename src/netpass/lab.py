@@ -250,8 +250,23 @@ def _create_topology(st: LabState) -> None:
             ]
         )
         run(["ip", "link", "set", f"p-h{h}", "master", "br0", "up"], netns=sw)
+        # A fixed address: a bridge otherwise takes its lowest port MAC, which changes as taps
+        # come and go, and the other host's ARP entry for this one goes stale.
         run(
-            ["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"],
+            [
+                "ip",
+                "link",
+                "add",
+                "br0",
+                "address",
+                f"02:4e:50:00:00:{HOST_ADDR[h]:02x}",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ],
             netns=hns,
         )
         run(["ip", "link", "set", "up0", "master", "br0", "up"], netns=hns)

@@ -61,6 +61,21 @@ async def _check_ready(src: Qmp, dst: Qmp) -> None:
         raise UsageError(f"destination VM is {d!r}: start it with -incoming defer")
 
 
+async def _set_caps(src: Qmp, dst: Qmp, postcopy: bool, netpass: bool) -> None:
+    """Every capability netpass relies on, set explicitly: a VM that arrived by migration keeps
+    the capabilities its incoming side had (e.g. postcopy-ram), which a new destination may
+    not share."""
+
+    def caps(**on: bool) -> list[dict[str, object]]:
+        return [{"capability": k.replace("_", "-"), "state": v} for k, v in on.items()]
+
+    await dst.cmd("migrate-set-capabilities", capabilities=caps(events=True, postcopy_ram=postcopy))
+    await src.cmd(
+        "migrate-set-capabilities",
+        capabilities=caps(events=True, postcopy_ram=postcopy, pause_before_switchover=netpass),
+    )
+
+
 async def _wait_active(src: Qmp) -> None:
     ev = await src.wait_event(
         lambda e: e.name == "MIGRATION" and e.data.get("status") in ("active", *FINAL_STATES),
@@ -70,6 +85,12 @@ async def _wait_active(src: Qmp) -> None:
     if ev.data["status"] != "active":
         info = await src.cmd("query-migrate")
         raise MigrationError(f"migration {ev.data['status']}: {info.get('error-desc', '')}")
+
+
+async def _dst_completed(dst: Qmp) -> None:
+    # In postcopy the destination still pulls pages after the source says 'completed'; the
+    # source QEMU must live until the destination is done too.
+    await dst.wait_event(is_event("MIGRATION", status="completed"), 60, what="destination")
 
 
 async def _final_info(src: Qmp) -> dict[str, Any]:
@@ -137,11 +158,7 @@ async def _stock_timeline(
     await _check_ready(src, dst)
 
     # 1. Capabilities on both sides (postcopy must be enabled on both before 'migrate').
-    caps = [{"capability": "events", "state": True}]
-    if postcopy:
-        caps.append({"capability": "postcopy-ram", "state": True})
-    for q in (src, dst):
-        await q.cmd("migrate-set-capabilities", capabilities=caps)
+    await _set_caps(src, dst, postcopy, netpass=False)
     if params:
         await src.cmd("migrate-set-parameters", **params)
 
@@ -171,6 +188,7 @@ async def _stock_timeline(
         timing.completed_ns = end.t_ns
         phase[0] = "completed"
         resume = await dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
+        await _dst_completed(dst)
     finally:
         watcher.cancel()
 
@@ -313,14 +331,7 @@ class NetpassTimeline:
         except (DatapathError, HostError) as e:
             await self._cleanup()
             raise DatapathError(f"netpass could not prepare the data path: {e}") from e
-        caps = [{"capability": "events", "state": True}]
-        if self.postcopy:
-            caps.append({"capability": "postcopy-ram", "state": True})
-        await self.dst.cmd("migrate-set-capabilities", capabilities=caps)
-        await self.src.cmd(
-            "migrate-set-capabilities",
-            capabilities=[*caps, {"capability": "pause-before-switchover", "state": True}],
-        )
+        await _set_caps(self.src, self.dst, self.postcopy, netpass=True)
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
 
@@ -473,6 +484,7 @@ class NetpassTimeline:
             raise MigrationError(f"migration {end.data['status']}")
         self.timing.completed_ns = end.t_ns
         self.phase[0] = "completed"
+        await _dst_completed(self.dst)
         for p in self.pairs:
             c = p.src.counters
             c.injected = p.dst.injected
@@ -485,7 +497,8 @@ class NetpassTimeline:
     # 5. Failure or cancel after capture-on: the source VM runs again, frames go back to it.
     async def _give_back(self) -> None:
         self.phase[0] = "give-back"
-        await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
+        if await _status(self.src) != "running":
+            await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
         for p in self.pairs:
             try:
                 await asyncio.to_thread(p.src.wait_tap_empty)

@@ -15,8 +15,8 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -35,6 +35,7 @@ SO_ATTACH_FILTER = 26
 _SKF_AD_PKTTYPE = 0xFFFFF000 + 4  # SKF_AD_OFF + SKF_AD_PKTTYPE
 _MAX_FRAME = 65536 + 64
 _TS_SPACE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("qq")
 
 
 def _disable_ipv6(ifname: str) -> None:
@@ -106,8 +107,7 @@ class CaptureDevice:
         self.delete()
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     data: bytes
     ts_ns: int  # kernel time stamp, CLOCK_REALTIME ns (see CaptureSocket)
 
@@ -166,32 +166,31 @@ class CaptureSocket:
 
     def recv(self) -> Frame | None:
         """The next captured frame, or None if none is queued."""
-        try:
-            data, anc, flags, addr = self._sock.recvmsg(_MAX_FRAME, _TS_SPACE)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            raise DatapathError(f"capture on {self.ifname} failed: {e.strerror}") from e
-        if addr[2] != PACKET_OUTGOING:  # the BPF filter already dropped these
-            return self.recv()
-        if flags & socket.MSG_TRUNC:
-            raise DatapathError(f"captured frame larger than {_MAX_FRAME} bytes on {self.ifname}")
-        ts = time.time_ns()
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
-                sec, nsec = struct.unpack_from("qq", payload)
-                ts = sec * 1_000_000_000 + nsec
-        self._received += 1
-        return Frame(data, ts)
+        got = self.recv_many(1)
+        return got[0] if got else None
 
     def recv_many(self, max_frames: int = 1024) -> list[Frame]:
         """Up to MAX_FRAMES queued frames, oldest first, without blocking."""
         out: list[Frame] = []
+        recvmsg = self._sock.recvmsg
         while len(out) < max_frames:
-            f = self.recv()
-            if f is None:
+            try:
+                data, anc, flags, addr = recvmsg(_MAX_FRAME, _TS_SPACE)
+            except BlockingIOError:
                 break
-            out.append(f)
+            except OSError as e:
+                raise DatapathError(f"capture on {self.ifname} failed: {e.strerror}") from e
+            if addr[2] != PACKET_OUTGOING:  # the BPF filter already keeps these out
+                continue
+            if flags & socket.MSG_TRUNC:
+                raise DatapathError(f"captured frame over {_MAX_FRAME} bytes on {self.ifname}")
+            if anc and anc[0][1] == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(anc[0][2])
+                ts = sec * 1_000_000_000 + nsec
+            else:
+                ts = time.time_ns()
+            out.append(Frame(data, ts))
+        self._received += len(out)
         return out
 
     def stats(self) -> tuple[int, int]:

@@ -363,14 +363,22 @@ def txqueuelen(ifname: str, *, netns: str | None = None) -> int:
 
 
 def set_txqueuelen(ifname: str, length: int, *, netns: str | None = None) -> None:
-    """Resize IFNAME's queue. A tap resizes its ring in place, keeping queued frames.
+    """Resize IFNAME's queue; do it before installing the hold.
 
     The tap queue is what absorbs a released hold: the driver drops what does not fit, and
     the hypervisor reads at the guest's pace. Make it larger than the frames held, or pace.
+    A tap resizes its ring keeping queued frames, but the kernel deactivates the device for
+    the change, which silently empties its qdiscs: refused while the hold keeps frames.
     """
     with iproute(netns) as ipr:
+        index = ifindex(ipr, ifname)
+        root = _root_qdisc(ipr, index)
+        if root is not None and root.handle == HOLD_HANDLE and root.stats.qlen:
+            raise DatapathError(
+                f"{ifname}: changing txqueuelen now would drop the {root.stats.qlen} held frames"
+            )
         try:
-            ipr.link("set", index=ifindex(ipr, ifname), txqlen=length)
+            ipr.link("set", index=index, txqlen=length)
         except NetlinkError as e:
             raise _nl_error(f"cannot set txqueuelen of {ifname}", e) from e
 
