@@ -6,6 +6,7 @@ Every failure netpass understands ends as one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Coroutine, Sequence
@@ -156,10 +157,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     lab.up(a.name)
     try:
-        run = lab_trial(a.name, "stock", False, a.rate, None)
+        runs = [lab_trial(a.name, mode, False, a.rate, None) for mode in ("stock", "netpass")]
     finally:
         lab.down(a.name)
-    _write_outputs([run], str(out / "demo.json"), str(out / "demo-timeline.png"))
+    _write_outputs(runs, str(out / "demo.json"), str(out / "demo-timeline.png"))
     return 0
 
 
@@ -176,6 +177,46 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raw_json=Path(a.raw) if a.raw else None,
         console=out_console,
     )
+    return 0
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    from netpass import report
+    from netpass.orchestrator import migrate_netpass, migrate_stock
+
+    migrate = migrate_stock if a.no_netpass else migrate_netpass
+    timing = asyncio.run(
+        migrate(
+            a.src_qmp, a.dst_qmp, a.uri, postcopy=a.postcopy, downtime_ms=a.downtime,
+            max_bandwidth=a.max_bandwidth, progress=_progress_printer(),
+        )
+    )  # fmt: skip
+    report.print_migration(timing, out_console)
+    if a.json:
+        Path(a.json).write_text(json.dumps(timing.to_dict(), indent=2))
+        out_console.print(f"JSON: {a.json}")
+    error = timing.netpass.get("error")
+    if error:
+        err_console.print(f"netpass: data path failed, frames counted lost: {error}", markup=False)
+    return 0
+
+
+def cmd_cleanup(a: argparse.Namespace) -> int:
+    from netpass.cleanup import cleanup
+
+    done = cleanup(a.qmp or [], remove_holds=a.remove_holds)
+    for line in done:
+        out_console.print(line, markup=False, highlight=False)
+    out_console.print(f"cleanup: {len(done)} actions")
+    return 0
+
+
+def cmd_prepare_tap(a: argparse.Namespace) -> int:
+    from netpass.datapath import tc
+
+    for tap in a.tap:
+        tc.prepare_tap(tap, netns=a.netns)
+        out_console.print(f"{tap}: clsact and an open netpass hold installed")
     return 0
 
 
@@ -232,6 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
     bench.set_defaults(func=cmd_bench)
 
+    m = sub.add_parser("migrate", help="migrate a VM with the netpass switchover")
+    m.add_argument("--src-qmp", required=True, metavar="PATH", help="source QEMU QMP socket")
+    m.add_argument("--dst-qmp", required=True, metavar="PATH", help="destination QMP socket")
+    m.add_argument("--uri", required=True, help="migration URI, e.g. tcp:10.0.0.2:4444")
+    m.add_argument("--postcopy", action="store_true")
+    m.add_argument("--downtime", type=int, default=None, metavar="MS", help="downtime-limit")
+    m.add_argument("--max-bandwidth", type=int, default=None, metavar="BYTES_PER_S")
+    m.add_argument("--no-netpass", action="store_true", help="plain QEMU switchover, measured")
+    m.add_argument("--json", metavar="FILE", help="write the timing and counters as JSON")
+    m.set_defaults(func=cmd_migrate)
+
+    c = sub.add_parser("cleanup", help="undo what a killed netpass left on this host")
+    c.add_argument(
+        "--qmp",
+        action="append",
+        metavar="PATH",
+        help="also cancel a migration left running on this QEMU (repeatable)",
+    )
+    c.add_argument(
+        "--remove-holds",
+        action="store_true",
+        help="delete holds too (may drop a few frames on a busy tap)",
+    )
+    c.set_defaults(func=cmd_cleanup)
+
+    pt = sub.add_parser("prepare-tap", help="give a new tap netpass's qdiscs before it is busy")
+    pt.add_argument("tap", nargs="+")
+    pt.add_argument("--netns", default=None, help="network namespace name or path")
+    pt.set_defaults(func=cmd_prepare_tap)
+
     g = sub.add_parser("guest", help="guest image")
     gsub = g.add_subparsers(dest="guest_command", required=True, parser_class=_Parser)
     gb = gsub.add_parser("build", help="build (or find cached) kernel + initramfs")
@@ -242,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("lab", "demo", "bench") or args.command == "guest":
+        if args.command in ("lab", "demo", "bench", "guest", "migrate", "cleanup", "prepare-tap"):
             from netpass.sysutil import require_root
 
             require_root()

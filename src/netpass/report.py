@@ -134,7 +134,7 @@ def render_table(runs: Sequence[RunRecord]) -> Table:
         table.add_row(name, *(cell(r) for r in runs))
     counters: list[str] = []
     for r in runs:
-        counters += [k for k in r.timing.netpass if k not in counters]
+        counters += [k for k in r.timing.netpass if k not in counters and k != "nics"]
     if counters:
         table.add_section()
     for key in counters:
@@ -267,3 +267,19 @@ def _plot_run(ax: Any, run: RunRecord) -> None:
     ax.set_title(f"{run.label}: lost {s.lost} (window {s.lost_in_window})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="x-small", markerscale=2)
+
+
+def print_migration(t: MigrationTiming, console: Console | None = None) -> None:
+    """The table of `netpass migrate` (no probe): timing and, in netpass mode, the counters."""
+    table = Table(title=f"{t.mode} {'postcopy' if t.postcopy else 'precopy'} migration")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("true pause STOP→RESUME (ms)", _ms(_true_pause(t)))
+    table.add_row("QEMU-reported downtime (ms)", _ms(t.qemu_downtime_ms))
+    table.add_row("total migration time (ms)", _ms(t.total_time_ms))
+    mib = None if t.ram_transferred_bytes is None else t.ram_transferred_bytes / 2**20
+    table.add_row("RAM transferred (MiB)", _ms(mib))
+    for key, value in t.netpass.items():
+        if key != "nics":
+            table.add_row(f"netpass: {key}", _number(value))
+    (console or Console()).print(table)

@@ -321,12 +321,17 @@ def _root_qdisc(ipr: IPRoute, index: int) -> _Root | None:
     return None
 
 
+def _open_any(ipr: IPRoute, index: int, kind: str) -> None:
+    """Open a netpass hold found on the interface, whoever installed it."""
+    if kind == "plug":
+        tcnl.plug_set(ipr, index, HOLD_HANDLE, tcnl.PLUG_RELEASE_INDEFINITE, 0, create=False)
+    elif kind == "tbf":
+        tcnl.tbf_set(ipr, index, HOLD_HANDLE, tcnl.tbf_open(DEFAULT_HOLD_LIMIT), create=False)
+
+
 def _release_and_delete(ipr: IPRoute, index: int, root: _Root, drain_timeout: float) -> None:
     # Deleting a qdisc drops what it holds: open it and wait for it to empty first.
-    if root.kind == "plug":
-        tcnl.plug_set(ipr, index, HOLD_HANDLE, tcnl.PLUG_RELEASE_INDEFINITE, 0, create=False)
-    elif root.kind == "tbf":
-        tcnl.tbf_set(ipr, index, HOLD_HANDLE, tcnl.tbf_open(DEFAULT_HOLD_LIMIT), create=False)
+    _open_any(ipr, index, root.kind)
     deadline = time.monotonic() + drain_timeout
     while time.monotonic() < deadline:
         now = _root_qdisc(ipr, index)
@@ -404,14 +409,17 @@ def sweep(
     ifnames: Iterable[str] = (),
     *,
     prefixes: Iterable[str] = (),
+    keep_hold_open: bool = False,
     netns: str | None = None,
 ) -> list[str]:
-    """Remove netpass's tc objects from the named interfaces and from every interface whose
-    name starts with one of PREFIXES: redirect filters in netpass's prio range, and a hold
-    qdisc with netpass's handle (released first, so held frames go to the guest). Leaves
-    clsact qdiscs and everything else alone. Returns what was removed, for a log."""
+    """Undo netpass on the named interfaces and on every interface whose name starts with one
+    of PREFIXES: delete redirect filters in netpass's prio range, and release a hold qdisc
+    with netpass's handle, so no tap stays black-holed. The hold is then deleted (deleting a
+    qdisc on a busy tap may drop a few frames), or with KEEP_HOLD_OPEN left in place, open
+    (for taps given their qdiscs up front by `prepare_tap`). Leaves clsact qdiscs and
+    everything that is not netpass's alone. Returns what was done, for a log."""
     names, pre = set(ifnames), tuple(prefixes)
-    removed: list[str] = []
+    done: list[str] = []
     with iproute(netns) as ipr:
         for link in ipr.get_links():
             name = str(link.get_attr("IFLA_IFNAME"))
@@ -421,11 +429,16 @@ def sweep(
             try:
                 for prio in sorted(p for p in _filter_prios(ipr, index) if _is_ours(p)):
                     tcnl.del_filter_prio(ipr, index, tcnl.EGRESS_PARENT, prio)
-                    removed.append(f"{name}: egress filter prio {prio:#x}")
+                    done.append(f"{name}: deleted egress filter prio {prio:#x}")
                 root = _root_qdisc(ipr, index)
                 if root is not None and root.handle == HOLD_HANDLE:
-                    _release_and_delete(ipr, index, root, 2.0)
-                    removed.append(f"{name}: {root.kind} hold {HOLD_HANDLE >> 16:x}:")
+                    hold = f"{root.kind} hold {HOLD_HANDLE >> 16:x}:"
+                    if keep_hold_open:
+                        _open_any(ipr, index, root.kind)
+                        done.append(f"{name}: opened {hold} ({root.stats.qlen} frames held)")
+                    else:
+                        _release_and_delete(ipr, index, root, 2.0)
+                        done.append(f"{name}: deleted {hold} ({root.stats.qlen} frames held)")
             except NetlinkError as e:
                 raise _nl_error(f"sweep of {name} failed", e) from e
-    return removed
+    return done
