@@ -153,6 +153,7 @@ def run_bench(
     out_md: Path,
     raw_json: Path | None,
     console: Console,
+    postcopy_rates: list[int] | None = None,
     driver_for: Callable[[Cell], trial.Driver] | None = None,
 ) -> dict[Cell, list[report.RunRecord]]:
     if runs < 1:
@@ -163,18 +164,16 @@ def run_bench(
 
         driver_for = driver_for_cell
     pc_runs = runs if postcopy_runs is None else postcopy_runs
-    cells = [
-        Cell(m, pc, rate, pc_runs if pc else runs)
-        for pc in (False, True)
-        for rate in rates
-        for m in modes
-    ]
+    pc_rates = rates if postcopy_rates is None else postcopy_rates
+    cells = [Cell(m, False, rate, runs) for rate in rates for m in modes]
+    cells += [Cell(m, True, rate, pc_runs) for rate in pc_rates for m in modes]
     cells = [c for c in cells if c.runs > 0]
     results: dict[Cell, list[report.RunRecord]] = {c: [] for c in cells}
     total = sum(c.runs for c in cells)
     command = (
         f"netpass bench --runs {runs} --postcopy-runs {pc_runs} --rates "
-        f"{' '.join(map(str, rates))} " + " ".join(f"--mode {m}" for m in modes)
+        f"{' '.join(map(str, rates))} --postcopy-rates {' '.join(map(str, pc_rates))} "
+        + " ".join(f"--mode {m}" for m in modes)
     )
     st = lab.up(name, progress=True)
     done = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from netpass.datapath import tc
 from netpass.datapath.netns import iproute
-from netpass.errors import DatapathError, NetpassError
+from netpass.errors import NetpassError
 from netpass.qmp import Qmp
 
 CAPTURE_RE = re.compile(r"^np\d+s\d+c[01]$")
@@ -26,7 +26,7 @@ def _namespaces() -> list[str]:
     """Distinct network namespaces to look at, as paths."""
     seen: set[tuple[int, int]] = set()
     out: list[str] = []
-    cands = ["/proc/1/ns/net"]
+    cands = ["/proc/self/ns/net"]
     with contextlib.suppress(FileNotFoundError):
         cands += [f"/run/netns/{n}" for n in sorted(os.listdir("/run/netns"))]
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -55,27 +55,10 @@ def sweep_host(remove_holds: bool = False) -> list[str]:
                 with iproute(ns) as ipr:
                     ipr.link("del", ifname=name)
                 done.append(f"{ns}: capture device {name}")
-        for name in names:
-            if CAPTURE_RE.match(name):
-                continue
-            try:
-                prios = tc.egress_filter_prios(name, netns=ns)
-            except DatapathError:
-                continue  # e.g. gone meanwhile
-            ours = [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + tc.PRIO_SLOTS]
-            for p in ours:
-                tc.del_egress_redirect(name, slot=p - tc.PRIO_BASE, netns=ns)
-                done.append(f"{ns}: {name} egress redirect prio {p:#x}")
-            if tc.has_hold(name, netns=ns):
-                hold = tc.Hold(name, netns=ns)
-                if remove_holds:
-                    hold.remove()
-                    done.append(f"{ns}: {name} hold removed")
-                else:
-                    # Whether it was left closed cannot be told reliably; opening an open hold
-                    # is harmless.
-                    hold.open()
-                    done.append(f"{ns}: {name} hold opened")
+        keep = [n for n in names if not CAPTURE_RE.match(n)]
+        done += [
+            f"{ns}: {line}" for line in tc.sweep(keep, keep_hold_open=not remove_holds, netns=ns)
+        ]
     return done
 
 

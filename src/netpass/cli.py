@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=5, help="precopy runs per cell")
     bench.add_argument("--postcopy-runs", type=int, default=None, help="postcopy runs per cell")
     bench.add_argument("--rates", type=_rate, nargs="+", default=[1000, 5000])
+    bench.add_argument(
+        "--postcopy-rates",
+        type=_rate,
+        nargs="+",
+        default=None,
+        help="probe rates for postcopy cells (default: --rates)",
+    )
     bench.add_argument("--out", default="docs/BENCHMARKS.md")
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
     bench.set_defaults(func=cmd_bench)

@@ -431,16 +431,33 @@ class NetpassTimeline:
         ).t_ns
         return True
 
+    def _src_failed(self) -> bool:
+        return any(
+            e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
+            for e in self.src.events
+        )
+
     async def _dst_loaded(self) -> bool:
+        """True once the destination holds the loaded VM, paused; False if the migration
+        failed (a failed incoming QEMU exits, so its QMP going away means the same)."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            if any(
-                e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
-                for e in self.src.events
-            ):
+            if self._src_failed():
                 return False
-            if await _status(self.dst) == "paused":
-                return True
+            try:
+                if await _status(self.dst) == "paused":
+                    return True
+            except MigrationError:
+                with contextlib.suppress(MigrationError):
+                    await self.src.wait_event(
+                        lambda e: (
+                            e.name == "MIGRATION"
+                            and e.data.get("status") in ("failed", "cancelled")
+                        ),
+                        10,
+                    )
+                    return False
+                raise
             await asyncio.sleep(0.001)
         raise MigrationError("destination did not finish loading the VM")
 

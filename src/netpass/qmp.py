@@ -52,7 +52,12 @@ class Qmp:
             raise UsageError(f"{self.side} QMP socket {self.path} does not exist")
         try:
             await asyncio.wait_for(self.client.connect(self.path), timeout)
-        except (TimeoutError, ConnectError, OSError) as e:
+        except TimeoutError:
+            raise UsageError(
+                f"cannot connect to {self.side} QMP socket {self.path}: no greeting within "
+                f"{timeout:.0f} s (QEMU serves one QMP client per socket: is another connected?)"
+            ) from None
+        except (ConnectError, OSError) as e:
             raise UsageError(f"cannot connect to {self.side} QMP socket {self.path}: {e}") from e
         self.client.register_listener(self._listener)
         self._task = asyncio.create_task(self._pump())
@@ -72,7 +77,8 @@ class Qmp:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(QMPError, OSError):
+        # A QEMU that exited (a failed incoming VM does) makes disconnect re-raise its EOF.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self.client.disconnect()
 
     async def cmd(self, name: str, **args: Any) -> Any:

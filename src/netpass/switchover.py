@@ -28,6 +28,8 @@ from netpass.discovery import NicInfo
 from netpass.errors import DatapathError
 
 BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
+PACED_RELEASE_ABOVE = 256  # held frames; the tap queue takes 1000 (txqueuelen)
+RELEASE_PER_MS = 20
 
 
 @dataclass
@@ -76,6 +78,7 @@ class SourceNic:
         self._pending: collections.deque[bytes] = collections.deque()  # captured, not relayed
         self._relayed: list[bytes] = []  # relay order since U0
         self._relayed_tail: list[bytes] = []  # relayed frames the source guest did not get
+        self._drained: list[bytes] = []  # of those, read back out of the stopped tap queue
         self._relaying = False
         self._rescue: collections.deque[bytes] | None = None  # set once accounted
         self._flush_ns: int | None = None  # after this, floods also reached the destination
@@ -164,6 +167,7 @@ class SourceNic:
         assert self._fd is not None
         frames = tapfd.drain(self._fd, self._hdr)
         self.counters.drained = len(frames)
+        self._drained = frames
         tail = self._relayed_tail[len(self._relayed_tail) - len(frames) :] if frames else []
         if frames and frames != tail:
             raise DatapathError(f"{self.nic.nic_id}: tap queue is not a suffix of relayed frames")
@@ -195,22 +199,25 @@ class SourceNic:
         held; those were a suffix of the relayed frames, so the missing ones are exactly
         owed[0 : len(owed) - delivered]. Then the redirect goes away.
         """
+        self._stop_thread()  # it would otherwise capture into what is being handed back
         with self._lock:
             self._relaying = False
             if self._rescue is not None and used_idx_now is not None:
+                # owed = [purged by the stop][held in QEMU's queue][tap queue]; netpass drained
+                # the tap queue, so QEMU delivered only what it held, just before `drained`.
                 delivered = (used_idx_now - self._used_last) & 0xFFFF
                 owed = self._relayed_tail
-                missing = owed[: max(0, len(owed) - delivered)]
+                undrained = len(owed) - len(self._drained)
+                missing = owed[: max(0, undrained - delivered)]
                 rest = list(self._rescue)[len(owed) :]
-                self.counters.consumed += min(delivered, len(owed))
-                frames = [*missing, *rest]
+                self.counters.consumed += min(delivered, undrained)
+                frames = [*missing, *self._drained, *rest]
             else:
                 # Still relaying when it failed: relayed frames are in the tap queue of a running
                 # VM and reach it; only the not yet relayed ones are owed.
                 frames = list(self._pending)
             self._rescue = collections.deque()
             self._pending.clear()
-        self._stop_thread()
         assert self._inj is not None
         for f in frames:
             self._inj.send(f)
@@ -355,6 +362,10 @@ class DestNic:
     def release(self) -> int:
         """Open the hold; returns how many frames it had kept back."""
         held = self.hold.stats().qlen if self.hold.closed else 0
+        if held > PACED_RELEASE_ABOVE and self.hold.can_pace:
+            # The tap drops what does not fit its queue: let a big backlog out paced.
+            self.hold.open(pace_per_ms=RELEASE_PER_MS)
+            self.hold.wait_drained(timeout=held / RELEASE_PER_MS / 1000 + 1.0)
         self.hold.open()
         return held
 

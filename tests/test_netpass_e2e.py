@@ -1,0 +1,201 @@
+"""netpass switchover end to end on real QEMU, taps, namespaces and tc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from conftest import needs_root, run_cli
+from netpass import lab, trial, vm
+from netpass.analysis import analyze
+from netpass.cli import lab_driver
+from netpass.datapath import tc
+from netpass.errors import MigrationError, UsageError
+from netpass.orchestrator import migrate_netpass
+from netpass.qmp import Qmp
+
+pytestmark = [needs_root, pytest.mark.e2e]
+
+
+def _tc_clean(st: lab.LabState) -> None:
+    """No redirect filter and no closed hold on any tap of the lab."""
+    for inst in st.instances:
+        for tap in inst.taps:
+            ns = st.host_ns(inst.host)
+            prios = tc.egress_filter_prios(tap, netns=ns)
+            assert not [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + 16], tap
+            if tc.has_hold(tap, netns=ns):
+                assert tc.Hold(tap, netns=ns).stats().qlen == 0
+
+
+def _ping_ok(st: lab.LabState, seconds: float = 0.5) -> None:
+    with trial.probe(st, 1000) as finish:
+        time.sleep(seconds)
+        stats = analyze(finish())
+    assert stats.sent > 100 and stats.received == stats.sent
+
+
+@pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
+def test_lossless_switchover(lab_up: lab.LabState, postcopy: bool) -> None:
+    st = lab_up
+    lab.ensure_incoming(st, paused=True)
+    run = trial.run_trial(st, "np", 1000, lab_driver("netpass", postcopy, None, None))
+    s, t = run.stats, run.timing
+    assert t.netpass.get("error") is None, t.netpass
+    assert s.sent > 1000 and s.lost == 0 and s.reordered == 0 and s.duplicates == 0
+    n = t.netpass
+    assert n["accounting balanced"] is True
+    assert n["rescued"] > 0 and n["injected"] == n["rescued"]  # the pause had traffic to rescue
+    assert n["consumed"] + n["injected"] + n["returned"] + n["dropped"] == n["captured"]
+    assert t.true_pause_ms is not None and t.true_pause_ms > 0
+    _tc_clean(st)
+    _ping_ok(st)
+
+
+def _sockets(st: lab.LabState) -> tuple[str, str, str]:
+    s = st.status()
+    return s["source"]["qmp"], s["destination"]["qmp"], s["migration_uri"]
+
+
+def _src_running(st: lab.LabState) -> str:
+    async def q() -> str:
+        c = Qmp("src", st.status()["source"]["qmp"])
+        await c.connect()
+        try:
+            return str((await c.cmd("query-status"))["status"])
+        finally:
+            await c.close()
+
+    return asyncio.run(q())
+
+
+def test_cancel_during_switchover_gives_frames_back(
+    lab_up: lab.LabState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """migrate_cancel while the source waits in pre-switchover (capture on, VM stopped)."""
+    st = lab_up
+    lab.ensure_incoming(st, paused=True)
+    real_cmd = Qmp.cmd
+
+    async def cmd(self: Qmp, name: str, **args: Any) -> Any:
+        if name == "migrate-continue":
+            await asyncio.sleep(0.05)  # frames pile up at the stopped source meanwhile
+            return await real_cmd(self, "migrate_cancel")
+        return await real_cmd(self, name, **args)
+
+    monkeypatch.setattr(Qmp, "cmd", cmd)
+    src, dst, uri = _sockets(st)
+    with trial.probe(st, 1000) as finish:
+        time.sleep(0.5)
+        with pytest.raises(MigrationError, match="cancelled; the source VM runs again"):
+            asyncio.run(migrate_netpass(src, dst, uri, max_bandwidth=1 << 30))
+        time.sleep(0.5)
+        stats = analyze(finish())
+    monkeypatch.undo()
+    assert _src_running(st) == "running"
+    assert stats.lost == 0 and stats.duplicates == 0
+    _tc_clean(st)
+    _ping_ok(st)
+
+
+def test_destination_killed_mid_migration(lab_up: lab.LabState) -> None:
+    st = lab_up
+    dst_inst = lab.ensure_incoming(st, paused=True)
+    src, dst, uri = _sockets(st)
+
+    async def go() -> None:
+        task = asyncio.create_task(migrate_netpass(src, dst, uri, max_bandwidth=20_000_000))
+        await asyncio.sleep(1.5)  # capture is on, RAM is streaming slowly
+        vm.kill(dst_inst.pid, dst_inst.name)
+        await task
+
+    with trial.probe(st, 1000) as finish:
+        time.sleep(0.3)
+        with pytest.raises(MigrationError, match="failed; the source VM runs again"):
+            asyncio.run(go())
+        time.sleep(0.5)
+        stats = analyze(finish())
+    lab.stop_instance(st, dst_inst)
+    assert _src_running(st) == "running"
+    assert stats.lost == 0 and stats.duplicates == 0
+    _tc_clean(st)
+    _ping_ok(st)
+
+
+def test_sigkill_then_cleanup_restores_the_tap(lab_up: lab.LabState) -> None:
+    st = lab_up
+    inc = lab.ensure_incoming(st, paused=True)
+    src, dst, uri = _sockets(st)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netpass.cli", "migrate", "--src-qmp", src, "--dst-qmp", dst,
+         "--uri", uri, "--max-bandwidth", "10000000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    src_inst = st.instance(st.vm_host, incoming=False)
+    assert src_inst is not None
+    tap, ns = src_inst.taps[0], st.host_ns(src_inst.host)
+    deadline = time.monotonic() + 20
+    while not any(p >= tc.PRIO_BASE for p in tc.egress_filter_prios(tap, netns=ns)):
+        assert time.monotonic() < deadline, "capture never switched on"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tc.egress_filter_prios(tap, netns=ns)  # the tap is black-holed now
+    r = run_cli("cleanup", "--qmp", src)
+    assert r.returncode == 0, r.stderr
+    assert "deleted egress filter" in r.stdout
+    _tc_clean(st)
+    lab.stop_instance(st, inc)
+    _ping_ok(st)
+
+
+def test_bad_input_leaves_vm_untouched(lab_up: lab.LabState) -> None:
+    st = lab_up
+    # Destination not started with -S.
+    lab.ensure_incoming(st, paused=False)
+    src, dst, uri = _sockets(st)
+    with pytest.raises(UsageError, match="not started with -S"):
+        asyncio.run(migrate_netpass(src, dst, uri))
+    # Wrong socket path.
+    r = run_cli("migrate", "--src-qmp", "/nonexistent.qmp", "--dst-qmp", dst, "--uri", uri)
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # The same socket twice: QEMU serves one QMP client at a time.
+    r = run_cli("migrate", "--src-qmp", src, "--dst-qmp", src, "--uri", uri)
+    assert r.returncode == 1 and "is another connected?" in r.stderr
+    # A migration already running on the source.
+    inc = lab.ensure_incoming(st, paused=True)
+    src, dst, uri = _sockets(st)
+
+    async def start_slow() -> None:
+        c = Qmp("src", src)
+        await c.connect()
+        await c.cmd("migrate-set-parameters", **{"max-bandwidth": 1_000_000})
+        await c.cmd("migrate", uri="exec:cat > /dev/null")  # slow: 1 MB/s
+        await c.close()
+
+    async def cancel() -> None:
+        c = Qmp("src", src)
+        await c.connect()
+        await c.cmd("migrate_cancel")
+        await c.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+        await c.close()
+
+    asyncio.run(start_slow())
+    try:
+        r = run_cli("migrate", "--src-qmp", src, "--dst-qmp", dst, "--uri", uri)
+        assert r.returncode == 1 and "already running on the source" in r.stderr
+    finally:
+        asyncio.run(cancel())
+    lab.stop_instance(st, inc)
+    assert _src_running(st) == "running"
+    _tc_clean(st)
+    _ping_ok(st)
