@@ -176,6 +176,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         out_md=Path(a.out),
         raw_json=Path(a.raw) if a.raw else None,
         console=out_console,
+        postcopy_rates=a.postcopy_rates,
     )
     return 0
 
