@@ -199,3 +199,38 @@ def test_bad_input_leaves_vm_untouched(lab_up: lab.LabState) -> None:
     assert _src_running(st) == "running"
     _tc_clean(st)
     _ping_ok(st)
+
+
+def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
+    """Capture on, relay, capture off under a 1000 pps probe, no migration: nothing lost."""
+    from netpass.discovery import discover, used_idx
+    from netpass.switchover import SourceNic
+
+    st = lab_up
+    src = st.status()["source"]["qmp"]
+
+    async def cycle() -> SourceNic:
+        q = Qmp("src", src)
+        await q.connect()
+        try:
+            info = await discover(q)
+            nic = SourceNic(info.nics[0], info.pid, info.netns, 0)
+            await asyncio.to_thread(nic.prepare)
+            await asyncio.to_thread(nic.capture_on)
+            assert await asyncio.to_thread(nic.wait_tap_empty)
+            nic.start_relay(await used_idx(q, nic.nic))
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(nic.give_back, None)
+            await asyncio.to_thread(nic.close)
+            return nic
+        finally:
+            await q.close()
+
+    with trial.probe(st, 1000) as finish:
+        time.sleep(0.5)
+        nic = asyncio.run(cycle())
+        time.sleep(0.5)
+        stats = analyze(finish())
+    assert nic.counters.relayed > 500
+    assert stats.lost == 0 and stats.duplicates == 0 and stats.reordered == 0
+    _tc_clean(st)

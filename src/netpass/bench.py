@@ -31,6 +31,11 @@ def _announce_ms(r: report.RunRecord) -> float | None:
     return (t.announce_ns[0] - t.dst_resume_ns) / 1e6
 
 
+def _np(r: report.RunRecord, key: str) -> float | None:
+    v = r.timing.netpass.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
 def _mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
 
@@ -49,6 +54,9 @@ METRICS: list[tuple[str, Metric]] = [
     ("total migration time (ms)", lambda r: r.timing.total_time_ms),
     ("RAM transferred (MiB)", lambda r: _mib(r.timing.ram_transferred_bytes)),
     ("announce after RESUME (ms)", _announce_ms),
+    ("rescued frames (netpass)", lambda r: _np(r, "rescued")),
+    ("rescued injected after RESUME (ms)", lambda r: _np(r, "rescued injected after RESUME (ms)")),
+    ("held at destination (netpass)", lambda r: _np(r, "held")),
     ("rtt p50 (ms)", lambda r: r.stats.rtt.p50_ms),
     ("rtt p99 (ms)", lambda r: r.stats.rtt.p99_ms),
 ]
@@ -76,6 +84,23 @@ def summarize(values: Sequence[float | None]) -> str:
         return f"{x:.0f}" if (x == int(x) and abs(x) >= 10) or x == int(x) else f"{x:.1f}"
 
     return f"{f(statistics.median(vs))} [{f(min(vs))}–{f(max(vs))}]"
+
+
+def cell_of(label: str, runs: int) -> Cell:
+    """Inverse of Cell.label ("netpass postcopy 1000 pps")."""
+    mode, copy, rate, _ = label.split()
+    return Cell(mode, copy == "postcopy", int(rate), runs)
+
+
+def render_raw(raw_json: Path, out_md: Path, command: str) -> None:
+    """Rewrite the report from a --raw file (e.g. after a change to the report itself)."""
+    data = json.loads(raw_json.read_text())
+    results = {
+        cell_of(label, len(runs)): [report.RunRecord.from_dict(r) for r in runs]
+        for label, runs in data.items()
+    }
+    cells = list(results)
+    out_md.write_text(render_markdown(cells, results, machine_info(), command))
 
 
 def machine_info() -> dict[str, str]:

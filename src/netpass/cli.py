@@ -167,6 +167,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from netpass import bench
 
+    if a.from_raw:
+        bench.render_raw(Path(a.from_raw), Path(a.out), a.command_text)
+        out_console.print(f"wrote {a.out}")
+        return 0
     bench.run_bench(
         name=a.name,
         modes=a.mode,
@@ -278,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe rates for postcopy cells (default: --rates)",
     )
     bench.add_argument("--out", default="docs/BENCHMARKS.md")
+    bench.add_argument("--from-raw", metavar="FILE", help="only re-render the report from --raw")
+    bench.add_argument("--command-text", default="netpass bench", help=argparse.SUPPRESS)
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
     bench.set_defaults(func=cmd_bench)
 

@@ -222,15 +222,27 @@ class SourceNic:
         for f in frames:
             self._inj.send(f)
         self.counters.returned += len(frames)
+        # Frames captured just before the filter goes must not be overtaken by the first ones
+        # that pass directly: those wait in the tap's hold (when it has one) meanwhile.
+        hold = tc.Hold(self.nic.tap, netns=self.netns) if self._has_hold() else None
+        if hold is not None:
+            hold.close()
         self._unredirect()
-        # Anything captured between the last relay and the filter removal goes back too.
         assert self._sock is not None
         late = [fr.data for fr in self._sock.recv_many(100000)]
         for f in late:
             self._inj.send(f)
+        if hold is not None:
+            hold.open()
         self.counters.captured += len(late)
         self.counters.returned += len(late)
         return len(frames) + len(late)
+
+    def _has_hold(self) -> bool:
+        try:
+            return tc.has_hold(self.nic.tap, netns=self.netns)
+        except DatapathError:
+            return False
 
     # --- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
