@@ -100,7 +100,15 @@ def render_raw(raw_json: Path, out_md: Path, command: str) -> None:
         for label, runs in data.items()
     }
     cells = list(results)
-    out_md.write_text(render_markdown(cells, results, machine_info(), command))
+    _write_keeping_setup(out_md, render_markdown(cells, results, machine_info(), command))
+
+
+def _write_keeping_setup(out_md: Path, text: str) -> None:
+    """Write the migration report, keeping a set-up/tear-down section measured separately."""
+    old = out_md.read_text() if out_md.exists() else ""
+    if SETUP_HEADING in old:
+        text = text.rstrip() + "\n\n" + old[old.index(SETUP_HEADING) :]
+    out_md.write_text(text)
 
 
 def machine_info() -> dict[str, str]:
@@ -220,10 +228,98 @@ def run_bench(
     finally:
         lab.down(name)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(render_markdown(cells, results, machine_info(), command))
+    _write_keeping_setup(out_md, render_markdown(cells, results, machine_info(), command))
     console.print(f"wrote {out_md}")
     if raw_json is not None:
         raw_json.write_text(
             json.dumps({c.label: [r.to_dict() for r in rs] for c, rs in results.items()})
         )
     return results
+
+
+# --- set-up and tear-down under traffic -------------------------------------------------------
+SETUP_HEADING = "## Set-up and tear-down under a probe (no migration)"
+
+
+async def _setup_teardown_cycle(qmp_path: str, relay_s: float) -> int:
+    """Capture on, relay for RELAY_S, capture off; returns frames relayed."""
+    import asyncio
+
+    from netpass.discovery import discover, used_idx
+    from netpass.qmp import Qmp
+    from netpass.switchover import SourceNic
+
+    q = Qmp("src", qmp_path)
+    await q.connect()
+    try:
+        info = await discover(q)
+        nics = [SourceNic(n, info.pid, info.netns, k) for k, n in enumerate(info.nics)]
+        for nic in nics:
+            await asyncio.to_thread(nic.prepare)
+            await asyncio.to_thread(nic.capture_on)
+            await asyncio.to_thread(nic.wait_tap_empty)
+            nic.start_relay(await used_idx(q, nic.nic))
+        await asyncio.sleep(relay_s)
+        for nic in nics:
+            await asyncio.to_thread(nic.give_back, None)
+            await asyncio.to_thread(nic.close)
+        return sum(n.counters.relayed for n in nics)
+    finally:
+        await q.close()
+
+
+def run_setup_teardown(
+    name: str, rates: list[int], runs: int, out_md: Path, console: Console
+) -> None:
+    """Measure that switching capture on and off loses, duplicates and reorders nothing."""
+    import asyncio
+    import time
+
+    from netpass.analysis import analyze
+
+    st = lab.up(name, progress=True)
+    rows: list[str] = []
+    try:
+        for rate in rates:
+            lost, dup, reord, relayed = [], [], [], []
+            for i in range(runs):
+                with trial.probe(st, rate) as finish:
+                    time.sleep(0.5)
+                    relayed.append(
+                        asyncio.run(_setup_teardown_cycle(st.status()["source"]["qmp"], 1.0))
+                    )
+                    time.sleep(0.5)
+                    s = analyze(finish())
+                lost.append(s.lost)
+                dup.append(s.duplicates)
+                reord.append(s.reordered)
+                console.print(
+                    f"[set-up/tear-down {rate} pps {i + 1}/{runs}] lost {s.lost}, "
+                    f"dup {s.duplicates}, reordered {s.reordered}",
+                    highlight=False,
+                )
+            rows.append(
+                f"| {rate} | {runs} | {summarize(relayed)} | {summarize(lost)} | "
+                f"{summarize(dup)} | {summarize(reord)} |"
+            )
+    finally:
+        lab.down(name)
+    section = "\n".join(
+        [
+            SETUP_HEADING,
+            "",
+            "Each run: probe on, netpass prepares the tap, switches capture on, relays every "
+            "frame for 1 s, gives the rest back and switches capture off, probe off. Taps are "
+            "prepared with `netpass prepare-tap` at creation, as the lab does.",
+            "",
+            "| rate (pps) | runs | frames relayed | lost | duplicates | reordered |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    text = out_md.read_text() if out_md.exists() else "# Benchmarks\n"
+    if SETUP_HEADING in text:
+        text = text[: text.index(SETUP_HEADING)].rstrip() + "\n"
+    out_md.write_text(text.rstrip() + "\n\n" + section)
+    console.print(f"wrote {out_md}")

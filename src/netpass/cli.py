@@ -167,6 +167,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from netpass import bench
 
+    if a.setup_teardown:
+        bench.run_setup_teardown(a.name, a.rates, a.runs, Path(a.out), out_console)
+        return 0
     if a.from_raw:
         bench.render_raw(Path(a.from_raw), Path(a.out), a.command_text)
         out_console.print(f"wrote {a.out}")
@@ -283,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", default="docs/BENCHMARKS.md")
     bench.add_argument("--from-raw", metavar="FILE", help="only re-render the report from --raw")
+    bench.add_argument(
+        "--setup-teardown",
+        action="store_true",
+        help="only measure capture on/off under a probe (appended to --out)",
+    )
     bench.add_argument("--command-text", default="netpass bench", help=argparse.SUPPRESS)
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
     bench.set_defaults(func=cmd_bench)
