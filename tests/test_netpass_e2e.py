@@ -95,7 +95,9 @@ def test_cancel_during_switchover_gives_frames_back(
     with trial.probe(st, 1000) as finish:
         time.sleep(0.5)
         with pytest.raises(MigrationError, match="cancelled; the source VM runs again"):
-            asyncio.run(migrate_netpass(src, dst, uri, max_bandwidth=1 << 30))
+            asyncio.run(
+                migrate_netpass(src, dst, uri, max_bandwidth=1 << 30, pause_before_switchover=True)
+            )
         time.sleep(0.5)
         stats = analyze(finish())
     monkeypatch.undo()

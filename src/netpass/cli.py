@@ -192,13 +192,17 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from netpass import report
     from netpass.orchestrator import migrate_netpass, migrate_stock
 
-    migrate = migrate_stock if a.no_netpass else migrate_netpass
-    timing = asyncio.run(
-        migrate(
-            a.src_qmp, a.dst_qmp, a.uri, postcopy=a.postcopy, downtime_ms=a.downtime,
-            max_bandwidth=a.max_bandwidth, progress=_progress_printer(),
-        )
-    )  # fmt: skip
+    kw: dict[str, Any] = dict(
+        postcopy=a.postcopy,
+        downtime_ms=a.downtime,
+        max_bandwidth=a.max_bandwidth,
+        progress=_progress_printer(),
+    )
+    if a.no_netpass:
+        timing = asyncio.run(migrate_stock(a.src_qmp, a.dst_qmp, a.uri, **kw))
+    else:
+        kw["pause_before_switchover"] = a.pause_before_switchover
+        timing = asyncio.run(migrate_netpass(a.src_qmp, a.dst_qmp, a.uri, **kw))  # fmt: skip
     report.print_migration(timing, out_console)
     if a.json:
         Path(a.json).write_text(json.dumps(timing.to_dict(), indent=2))
@@ -303,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--downtime", type=int, default=None, metavar="MS", help="downtime-limit")
     m.add_argument("--max-bandwidth", type=int, default=None, metavar="BYTES_PER_S")
     m.add_argument("--no-netpass", action="store_true", help="plain QEMU switchover, measured")
+    m.add_argument(
+        "--pause-before-switchover",
+        action="store_true",
+        help="let QEMU wait in pre-switchover for netpass (adds a QMP round trip)",
+    )
     m.add_argument("--json", metavar="FILE", help="write the timing and counters as JSON")
     m.set_defaults(func=cmd_migrate)
 

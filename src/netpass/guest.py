@@ -47,6 +47,9 @@ for m in {" ".join(Path(m).stem for m in MODULES)}; do
   insmod /lib/modules/$m.ko || echo "insmod $m failed"
 done
 ip link set lo up
+# Several NICs share one L2 in the lab: each answers ARP only for its own address.
+echo 1 > /proc/sys/net/ipv4/conf/all/arp_ignore
+echo 2 > /proc/sys/net/ipv4/conf/all/arp_announce
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     netpass.ip=*)

@@ -61,7 +61,7 @@ async def _check_ready(src: Qmp, dst: Qmp) -> None:
         raise UsageError(f"destination VM is {d!r}: start it with -incoming defer")
 
 
-async def _set_caps(src: Qmp, dst: Qmp, postcopy: bool, netpass: bool) -> None:
+async def _set_caps(src: Qmp, dst: Qmp, postcopy: bool, pause: bool) -> None:
     """Every capability netpass relies on, set explicitly: a VM that arrived by migration keeps
     the capabilities its incoming side had (e.g. postcopy-ram), which a new destination may
     not share."""
@@ -72,7 +72,7 @@ async def _set_caps(src: Qmp, dst: Qmp, postcopy: bool, netpass: bool) -> None:
     await dst.cmd("migrate-set-capabilities", capabilities=caps(events=True, postcopy_ram=postcopy))
     await src.cmd(
         "migrate-set-capabilities",
-        capabilities=caps(events=True, postcopy_ram=postcopy, pause_before_switchover=netpass),
+        capabilities=caps(events=True, postcopy_ram=postcopy, pause_before_switchover=pause),
     )
 
 
@@ -158,7 +158,7 @@ async def _stock_timeline(
     await _check_ready(src, dst)
 
     # 1. Capabilities on both sides (postcopy must be enabled on both before 'migrate').
-    await _set_caps(src, dst, postcopy, netpass=False)
+    await _set_caps(src, dst, postcopy, pause=False)
     if params:
         await src.cmd("migrate-set-parameters", **params)
 
@@ -238,6 +238,7 @@ async def migrate_netpass(
     max_bandwidth: int | None = None,
     progress: ProgressFn | None = None,
     timeout: float = 300.0,
+    pause_before_switchover: bool = False,
 ) -> MigrationTiming:
     """Migrate with the netpass switchover: no frame that reaches the source is lost."""
     src, dst = Qmp("src", src_qmp), Qmp("dst", dst_qmp)
@@ -246,6 +247,7 @@ async def migrate_netpass(
         await dst.connect()
         params = _params(downtime_ms, max_bandwidth)
         tl = NetpassTimeline(src, dst, uri, postcopy, params, progress, timeout)
+        tl.pause_before_switchover = pause_before_switchover
         return await tl.run()
     finally:
         await src.close()
@@ -282,6 +284,7 @@ class NetpassTimeline:
         self.error: str | None = None
         self.phase = ["prepare"]
         self.marks: dict[str, int] = {}
+        self.pause_before_switchover = False
 
     def _fail_datapath(self, e: BaseException) -> None:
         if self.error is None:
@@ -331,7 +334,7 @@ class NetpassTimeline:
         except (DatapathError, HostError) as e:
             await self._cleanup()
             raise DatapathError(f"netpass could not prepare the data path: {e}") from e
-        await _set_caps(self.src, self.dst, self.postcopy, netpass=True)
+        await _set_caps(self.src, self.dst, self.postcopy, self.pause_before_switchover)
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
 
@@ -393,8 +396,42 @@ class NetpassTimeline:
                         p.src.observe_used(await used_idx(self.src, p.src.nic))
             await asyncio.sleep(0.1)
 
-    # 3. Switchover at the source: QEMU stopped the VM by itself and waits in pre-switchover.
+    # 3. Switchover: QEMU stops the source by itself when it converges (or when postcopy
+    #    starts). From the STOP on, the guest's used-idx is frozen, so the accounting can run
+    #    while QEMU sends the device state; nothing netpass does delays the destination's start
+    #    beyond one `cont`.
     async def _switchover(self) -> bool:
+        ev = await self.src.wait_event(
+            lambda e: (
+                e.name == "STOP"
+                or (e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled"))
+            ),
+            self.timeout,
+            what="the source to stop",
+        )
+        if ev.name != "STOP":
+            return False
+        self.phase[0] = "switch"
+        for p in self.pairs:
+            p.src.stop_relay()  # a stopped guest takes nothing more
+        side_work = asyncio.gather(self._account(), self._flush_destination())
+        try:
+            if self.pause_before_switchover and not await self._continue_after_pause():
+                return False
+            loaded = await self._dst_loaded()
+        finally:
+            await side_work
+        if not loaded:
+            return False
+        await self.dst.cmd("cont")
+        self.timing.dst_resume_ns = (
+            await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
+        ).t_ns
+        return True
+
+    async def _continue_after_pause(self) -> bool:
+        """With pause-before-switchover, QEMU waits in pre-switchover (the management layer's
+        last chance to cancel) until migrate-continue."""
         ev = await self.src.wait_event(
             lambda e: (
                 e.name == "MIGRATION"
@@ -405,31 +442,33 @@ class NetpassTimeline:
         )
         if ev.data["status"] != "pre-switchover":
             return False
-        self.phase[0] = "switch"
-        self.marks["pre_switchover"] = ev.t_ns
+        await self.src.cmd("migrate-continue", state="pre-switchover")
+        return True
+
+    async def _account(self) -> None:
+        """Split relayed frames into received and owed (the query waits for QEMU's big lock,
+        which its migration thread holds until the device state is out)."""
         try:
             for p in self.pairs:
-                p.src.stop_relay()
                 p.src.account(await used_idx(self.src, p.src.nic))
+                await asyncio.to_thread(p.src.drain_tap)
         except (DatapathError, MigrationError) as e:
             self._fail_datapath(e)
-        await self.src.cmd("migrate-continue", state="pre-switchover")
+
+    async def _flush_destination(self) -> None:
+        """Close the destination hold and drop what queued before (floods the source has)."""
         try:
             for p in self.pairs:
-                await asyncio.to_thread(p.src.drain_tap)
                 await asyncio.to_thread(p.dst.close_and_flush)
                 p.src.set_flush_point()
         except DatapathError as e:
             self._fail_datapath(e)
-        # Wait for the destination to have loaded the VM (paused, thanks to -S) and start it.
-        end = await self._dst_loaded()
-        if not end:
-            return False
-        await self.dst.cmd("cont")
-        self.timing.dst_resume_ns = (
-            await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
-        ).t_ns
-        return True
+
+    def _dst_completed(self) -> bool:
+        # Precopy: the incoming side reports 'completed' once the VM is loaded and paused (-S).
+        return any(
+            e.name == "MIGRATION" and e.data.get("status") == "completed" for e in self.dst.events
+        )
 
     def _src_failed(self) -> bool:
         return any(
@@ -445,7 +484,11 @@ class NetpassTimeline:
             if self._src_failed():
                 return False
             try:
-                if await _status(self.dst) == "paused":
+                if self._dst_completed():
+                    return True
+                # Postcopy: 'completed' only comes once every page is there; the VM is loaded
+                # (and paused, -S) long before.
+                if self.postcopy and await _status(self.dst) == "paused":
                     return True
             except MigrationError:
                 with contextlib.suppress(MigrationError):

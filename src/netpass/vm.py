@@ -1,7 +1,7 @@
 """Launching the lab's QEMU guests: command line, accelerator choice, readiness.
 
-QEMU runs inside a host namespace (so its tap lives there), daemonized with a pidfile, with a
-QMP unix socket that the orchestrator reaches from any namespace.
+QEMU runs inside a host namespace (so its tap lives there), detached, with a pidfile, its
+output in a log and a QMP unix socket that the orchestrator reaches from any namespace.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ class VmSpec:
             f"unix:{self.qmp_path},server=on,wait=off",
             "-pidfile",
             str(self.pidfile),
-            "-daemonize",
         ]
         for i, nic in enumerate(self.nics):
             argv += [
@@ -95,27 +94,26 @@ class VmSpec:
 
 
 def start(spec: VmSpec, image: GuestImage) -> int:
-    """Start QEMU daemonized inside spec.netns; returns its PID once the QMP socket exists."""
+    """Start QEMU inside spec.netns, detached, its output in <serial>.log; returns its PID once
+    the QMP socket exists."""
     require_tool(QEMU, "qemu-system-x86")
     for p in (spec.qmp_path, spec.serial_path, spec.pidfile):
         p.unlink(missing_ok=True)
-    proc = subprocess.run(
-        ["ip", "netns", "exec", spec.netns, *spec.argv(image)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LabError(f"QEMU {spec.name} failed to start: {detail}")
-    pid = int(spec.pidfile.read_text().strip())
+    log_path = spec.serial_path.with_suffix(".log")
+    with open(log_path, "wb") as log:
+        # `ip netns exec` execs QEMU, so the child's PID is QEMU's.
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", spec.netns, *spec.argv(image)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
     deadline = time.monotonic() + 10
     while not spec.qmp_path.exists():
-        if time.monotonic() > deadline:
-            raise LabError(f"QEMU {spec.name} (pid {pid}) created no QMP socket")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            lines = log_path.read_text(errors="replace").strip().splitlines() or ["no output"]
+            raise LabError(f"QEMU {spec.name} failed to start: {lines[-1]}")
         time.sleep(0.01)
-    return pid
+    return proc.pid
 
 
 def wait_ready(serial_path: Path, timeout: float = 60.0, pid: int | None = None) -> float:

@@ -31,6 +31,7 @@ from netpass.errors import DatapathError
 PRIO_BASE = 0x4E50
 PRIO_SLOTS = 16
 HOLD_HANDLE = 0x4E500000
+PREPARED_TXQUEUELEN = 10000  # frames: 1 s at 10k pps
 DEFAULT_HOLD_LIMIT = 32 << 20  # bytes: > 20,000 full-size frames
 
 
@@ -355,6 +356,11 @@ def prepare_tap(ifname: str, *, netns: str | None = None) -> None:
     not. A host that runs this when it creates a VM's tap makes every later netpass switchover
     lossless from set-up to tear-down. Both objects are inert until netpass uses them.
     """
+    # A deeper tap queue absorbs the catch-up after the switchover (rescued + held frames
+    # while the guest resumes); resizing deactivates the device, so it happens before the
+    # tap is busy and before the hold exists.
+    if txqueuelen(ifname, netns=netns) < PREPARED_TXQUEUELEN:
+        set_txqueuelen(ifname, PREPARED_TXQUEUELEN, netns=netns)
     ensure_clsact(ifname, netns=netns)
     Hold(ifname, netns=netns).install_open()
 
