@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import select
 import socket
 import struct
@@ -704,13 +705,18 @@ def test_sweep_removes_ours_only_and_releases_held_frames(lab: Lab) -> None:
 
     removed = tc.sweep(prefixes=["npd"])
 
-    assert sorted(removed) == sorted(
+    # The kernel may queue a frame of its own (IPv6 RS/MLD) on the tap while the hold is closed.
+    hold_line = [r for r in removed if "hold 4e50:" in r]
+    assert sorted(r for r in removed if r not in hold_line) == sorted(
         [
             f"{TAP}: deleted egress filter prio {tc.PRIO_BASE:#x}",
-            f"{TAP}: deleted {lab.caps.hold_kind} hold 4e50: (5 frames held)",
             f"{other}: deleted egress filter prio {tc.PRIO_BASE + 5:#x}",
         ]
     )
+    m = re.fullmatch(
+        rf"{TAP}: deleted {lab.caps.hold_kind} hold 4e50: \((\d+) frames held\)", hold_line[0]
+    )
+    assert len(hold_line) == 1 and m is not None and int(m.group(1)) >= 5
     assert wait_until(lambda: lab.reader.of("H") == list(range(5)), 2)  # not black-holed
     assert tc.egress_filter_prios(other) == foreign
     assert tc.egress_filter_prios(TAP) == {100}

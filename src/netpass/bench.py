@@ -104,7 +104,11 @@ def render_raw(raw_json: Path, out_md: Path, command: str) -> None:
 
 
 def _write_keeping_setup(out_md: Path, text: str) -> None:
-    """Write the migration report, keeping a set-up/tear-down section measured separately."""
+    """Write the migration report, keeping a set-up/tear-down section measured separately and
+    adding the hand-written reading of the numbers (bench-notes.md beside the report)."""
+    notes = out_md.parent / "bench-notes.md"
+    if notes.exists():
+        text = text.rstrip() + "\n\n" + notes.read_text()
     old = out_md.read_text() if out_md.exists() else ""
     if SETUP_HEADING in old:
         text = text.rstrip() + "\n\n" + old[old.index(SETUP_HEADING) :]
