@@ -1,37 +1,13 @@
-"""Entering a network namespace from Python, for the calling thread only.
+"""Listing the network namespaces netpass created and the processes inside them.
 
-setns(2) changes the namespace of the calling thread; sockets keep the namespace they were
-created in, so a socket made inside `in_netns` stays usable from any thread afterwards.
+(Entering a namespace lives in `netpass.datapath.netns.in_netns`.)
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 NETNS_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def setns(fd: int) -> None:
-    """setns(2) for a network namespace (os.setns only exists from Python 3.12)."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Switch the calling thread into /run/netns/NAME for the duration of the block."""
-    with open("/proc/thread-self/ns/net", "rb") as home, open(f"{NETNS_DIR}/{name}", "rb") as ns:
-        setns(ns.fileno())
-        try:
-            yield
-        finally:
-            setns(home.fileno())
 
 
 def exists(name: str) -> bool:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from netpass import lab
+from netpass.datapath.netns import in_netns
 from netpass.errors import LabError
-from netpass.netns import in_netns
 from netpass.report import RunRecord
 from netpass.results import MigrationTiming, ProbeData
 
