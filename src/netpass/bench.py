@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -81,7 +82,7 @@ def summarize(values: Sequence[float | None]) -> str:
         return "-"
 
     def f(x: float) -> str:
-        return f"{x:.0f}" if (x == int(x) and abs(x) >= 10) or x == int(x) else f"{x:.1f}"
+        return f"{x:.0f}" if x == int(x) else f"{x:.1f}"
 
     return f"{f(statistics.median(vs))} [{f(min(vs))}–{f(max(vs))}]"
 
@@ -128,8 +129,6 @@ def machine_info() -> dict[str, str]:
     qemu = subprocess.run(
         ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
-    import os
-
     return {
         "cpu": f"{cpu} ({os.cpu_count()} cores)",
         "memory": f"{mem_kb / 2**20:.0f} GiB",

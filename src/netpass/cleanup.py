@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-from pathlib import Path
 
 from netpass.datapath import tc
 from netpass.datapath.netns import iproute
@@ -30,8 +29,9 @@ def _namespaces() -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         cands += [f"/run/netns/{n}" for n in sorted(os.listdir("/run/netns"))]
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        # QEMU renames its process (-name ...,process=), so look at the binary instead.
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().startswith(("qemu-system", "npl", "np")):
+            if os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("qemu-system"):
                 cands.append(f"/proc/{pid}/ns/net")
     for path in cands:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,21 +104,48 @@ async def _final_info(src: Qmp) -> dict[str, Any]:
     return info
 
 
+def _report_progress(progress: ProgressFn | None, phase: str, info: dict[str, Any]) -> None:
+    if progress is not None:
+        ram = info.get("ram", {})
+        progress(
+            Progress(
+                phase,
+                str(info.get("status", "")),
+                int(ram.get("remaining", 0)),
+                int(ram.get("total", 0)),
+                int(ram.get("transferred", 0)),
+            )
+        )
+
+
 async def _watch_progress(src: Qmp, progress: ProgressFn | None, phase: list[str]) -> None:
     while True:
-        info = await src.cmd("query-migrate")
-        ram = info.get("ram", {})
-        if progress is not None:
-            progress(
-                Progress(
-                    phase[0],
-                    str(info.get("status", "")),
-                    int(ram.get("remaining", 0)),
-                    int(ram.get("total", 0)),
-                    int(ram.get("transferred", 0)),
-                )
-            )
+        _report_progress(progress, phase[0], await src.cmd("query-migrate"))
         await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def _sessions(src_qmp: str, dst_qmp: str) -> AsyncIterator[tuple[Qmp, Qmp]]:
+    """Both QMP sessions, closed whatever happens."""
+    src, dst = Qmp("src", src_qmp), Qmp("dst", dst_qmp)
+    await src.connect()
+    try:
+        await dst.connect()
+        yield src, dst
+    finally:
+        await src.close()
+        await dst.close()
+
+
+async def _measure(timing: MigrationTiming, src: Qmp, dst: Qmp) -> None:
+    """Pause from QEMU's event timestamps, QEMU's own figures, the event log."""
+    stop = next((e for e in src.events if e.name == "STOP"), None)
+    timing.src_stop_ns = stop.t_ns if stop else None
+    if timing.src_stop_ns and timing.dst_resume_ns:
+        timing.true_pause_ms = (timing.dst_resume_ns - timing.src_stop_ns) / 1e6
+    with contextlib.suppress(MigrationError):
+        _fill_info(timing, await _final_info(src))
+    timing.events = [e.to_dict() for e in sorted([*src.events, *dst.events], key=_t)]
 
 
 async def migrate_stock(
@@ -133,15 +160,9 @@ async def migrate_stock(
     timeout: float = 300.0,
 ) -> MigrationTiming:
     """Migrate with QEMU's own switchover and measure it."""
-    src, dst = Qmp("src", src_qmp), Qmp("dst", dst_qmp)
-    await src.connect()
-    try:
-        await dst.connect()
-        params = _params(downtime_ms, max_bandwidth)
+    params = _params(downtime_ms, max_bandwidth)
+    async with _sessions(src_qmp, dst_qmp) as (src, dst):
         return await _stock_timeline(src, dst, uri, postcopy, params, progress, timeout)
-    finally:
-        await src.close()
-        await dst.close()
 
 
 async def _stock_timeline(
@@ -193,14 +214,8 @@ async def _stock_timeline(
         watcher.cancel()
 
     # 5. Measurements.
-    stop = next((e for e in src.events if e.name == "STOP"), None)
-    timing.src_stop_ns = stop.t_ns if stop else None
     timing.dst_resume_ns = resume.t_ns
-    if stop is not None:
-        timing.true_pause_ms = (resume.t_ns - stop.t_ns) / 1e6
-    info = await _final_info(src)
-    _fill_info(timing, info)
-    timing.events = [e.to_dict() for e in sorted([*src.events, *dst.events], key=_t)]
+    await _measure(timing, src, dst)
     return timing
 
 
@@ -241,17 +256,12 @@ async def migrate_netpass(
     pause_before_switchover: bool = False,
 ) -> MigrationTiming:
     """Migrate with the netpass switchover: no frame that reaches the source is lost."""
-    src, dst = Qmp("src", src_qmp), Qmp("dst", dst_qmp)
-    await src.connect()
-    try:
-        await dst.connect()
-        params = _params(downtime_ms, max_bandwidth)
-        tl = NetpassTimeline(src, dst, uri, postcopy, params, progress, timeout)
-        tl.pause_before_switchover = pause_before_switchover
+    params = _params(downtime_ms, max_bandwidth)
+    async with _sessions(src_qmp, dst_qmp) as (src, dst):
+        tl = NetpassTimeline(
+            src, dst, uri, postcopy, params, progress, timeout, pause_before_switchover
+        )
         return await tl.run()
-    finally:
-        await src.close()
-        await dst.close()
 
 
 class NetpassTimeline:
@@ -271,6 +281,7 @@ class NetpassTimeline:
         params: dict[str, int],
         progress: ProgressFn | None,
         timeout: float,
+        pause_before_switchover: bool = False,
     ) -> None:
         self.src, self.dst, self.uri = src, dst, uri
         self.postcopy, self.params, self.progress, self.timeout = (
@@ -279,12 +290,12 @@ class NetpassTimeline:
             progress,
             timeout,
         )
+        self.pause_before_switchover = pause_before_switchover
         self.timing = MigrationTiming(mode="netpass", postcopy=postcopy)
         self.pairs: list[Pair] = []
         self.error: str | None = None
         self.phase = ["prepare"]
-        self.marks: dict[str, int] = {}
-        self.pause_before_switchover = False
+        self.injected_ns: int | None = None  # when the last rescued frame was injected
 
     def _fail_datapath(self, e: BaseException) -> None:
         if self.error is None:
@@ -293,22 +304,24 @@ class NetpassTimeline:
     async def run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
         await self._prepare()
+        failed: MigrationError | None = None
         try:
             await self._capture_on()
             await self._start_migration()
             watcher = asyncio.create_task(self._watch())
             try:
-                ok = await self._switchover()
-                if ok:
+                if await self._switchover():
                     await self._deliver()
                     await self._finish()
                 else:
-                    await self._give_back()
+                    failed = await self._give_back()
             finally:
                 watcher.cancel()
         finally:
             await self._cleanup()
-        await self._report()
+            await self._report()
+        if failed is not None:
+            raise failed
         return self.timing
 
     # 1. Prepare: discover NICs and taps, create what must exist before traffic matters.
@@ -354,7 +367,6 @@ class NetpassTimeline:
                     await asyncio.to_thread(p.src.give_back, None)
                 except DatapathError as e2:
                     self._fail_datapath(e2)
-        self.marks["capture_on"] = time.time_ns()
 
     async def _stable_used(self, p: Pair) -> int:
         # Frames QEMU read before the redirect may still wait in its queue for guest buffers:
@@ -383,13 +395,7 @@ class NetpassTimeline:
         """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
         while True:
             info = await self.src.cmd("query-migrate")
-            if self.progress is not None:
-                ram = info.get("ram", {})
-                self.progress(
-                    Progress(self.phase[0], str(info.get("status", "")),
-                             int(ram.get("remaining", 0)), int(ram.get("total", 0)),
-                             int(ram.get("transferred", 0)))
-                )  # fmt: skip
+            _report_progress(self.progress, self.phase[0], info)
             if info.get("status") in ("active", "postcopy-active") and self.phase[0] != "switch":
                 for p in self.pairs:
                     with contextlib.suppress(MigrationError):
@@ -518,16 +524,15 @@ class NetpassTimeline:
                 except DatapathError as e:
                     self._fail_datapath(e)
             if moved == 0:
-                if "injected" not in self.marks:
-                    self.marks["injected"] = time.time_ns()
+                if self.injected_ns is None:
+                    self.injected_ns = time.time_ns()
                 if all(p.src.quiet_for() >= QUIET_S for p in self.pairs):
                     break
                 if time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.001)
             else:
-                self.marks.pop("injected", None)
-        self.marks["released"] = time.time_ns()
+                self.injected_ns = None
         for p in self.pairs:
             try:
                 p.src.counters.held = await asyncio.to_thread(p.dst.release)
@@ -549,13 +554,11 @@ class NetpassTimeline:
             c = p.src.counters
             c.injected = p.dst.injected
             # Rescued frames still queued are lost (the source tap outlived the deadline).
-            c.drop(
-                "left after the delivery deadline",
-                c.rescued - c.injected - c.dropped.get("left after the delivery deadline", 0),
-            )
+            if c.rescued > c.injected:
+                c.drop("left after the delivery deadline", c.rescued - c.injected)
 
     # 5. Failure or cancel after capture-on: the source VM runs again, frames go back to it.
-    async def _give_back(self) -> None:
+    async def _give_back(self) -> MigrationError:
         self.phase[0] = "give-back"
         if await _status(self.src) != "running":
             await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
@@ -569,9 +572,7 @@ class NetpassTimeline:
                 self._fail_datapath(e)
         end = next(e for e in self.src.events if e.name == "MIGRATION" and
                    e.data.get("status") in ("failed", "cancelled"))  # fmt: skip
-        await self._cleanup()
-        await self._report()
-        raise MigrationError(
+        return MigrationError(
             f"migration {end.data['status']}; the source VM runs again and got back "
             f"{sum(p.src.counters.returned for p in self.pairs)} frames netpass held"
         )
@@ -587,13 +588,7 @@ class NetpassTimeline:
 
     async def _report(self) -> None:
         t = self.timing
-        with contextlib.suppress(MigrationError):
-            _fill_info(t, await _final_info(self.src))
-        stop = next((e for e in self.src.events if e.name == "STOP"), None)
-        t.src_stop_ns = stop.t_ns if stop else None
-        if t.src_stop_ns and t.dst_resume_ns:
-            t.true_pause_ms = (t.dst_resume_ns - t.src_stop_ns) / 1e6
-        t.events = [e.to_dict() for e in sorted([*self.src.events, *self.dst.events], key=_t)]
+        await _measure(t, self.src, self.dst)
         nics = [p.src.counters.to_dict() for p in self.pairs]
         flat: dict[str, object] = {}
         for key in ("captured", "relayed", "consumed", "drained", "rescued", "injected",
@@ -601,9 +596,9 @@ class NetpassTimeline:
             flat[key] = sum(int(n[key]) for n in nics)
         flat["dropped"] = sum(sum(n["dropped"].values()) for n in nics)
         flat["flood discarded at destination"] = sum(p.dst.flood_discarded for p in self.pairs)
-        if "injected" in self.marks and t.dst_resume_ns:
+        if self.injected_ns is not None and t.dst_resume_ns:
             flat["rescued injected after RESUME (ms)"] = round(
-                (self.marks["injected"] - t.dst_resume_ns) / 1e6, 2
+                (self.injected_ns - t.dst_resume_ns) / 1e6, 2
             )
         flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
         if self.error:

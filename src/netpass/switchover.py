@@ -87,20 +87,18 @@ class SourceNic:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_capture = time.monotonic()
-        self._used_base: int | None = None  # 16-bit used-idx at relay start
         self._used_last = 0
         self._used_total = 0  # unwrapped frames consumed since relay start
         self._sock: CaptureSocket | None = None
         self._inj: Injector | None = None
         self._fd: int | None = None
         self._hdr = 0
-        self._clsact_created = False
         self._redirected = False
 
     # --- set-up and capture -------------------------------------------------------------
     def prepare(self) -> None:
         self.cap.create(replace=True)
-        self._clsact_created = tc.ensure_clsact(self.nic.tap, netns=self.netns)
+        tc.ensure_clsact(self.nic.tap, netns=self.netns)
         self._sock = CaptureSocket(self.cap.ifname, netns=self.netns)
         self._inj = Injector(self.nic.tap, netns=self.netns)
         self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
@@ -126,7 +124,7 @@ class SourceNic:
     def start_relay(self, used_idx: int) -> None:
         """Start relaying; USED_IDX is the RX used-idx read while nothing was in flight."""
         with self._lock:
-            self._used_base = self._used_last = used_idx
+            self._used_last = used_idx
             self._relaying = True
 
     def observe_used(self, used_idx: int) -> None:
@@ -391,7 +389,10 @@ class DestNic:
 
     def close(self) -> None:
         try:
-            self.hold.remove() if self._hold_created else self.hold.open()
+            if self._hold_created:
+                self.hold.remove()
+            else:
+                self.hold.open()
         finally:
             if self._inj is not None:
                 self._inj.close()

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from netpass import lab
+from netpass.datapath.capture import ETH_P_ALL, SO_TIMESTAMPNS
 from netpass.datapath.netns import in_netns
 from netpass.errors import LabError
 from netpass.report import RunRecord
 from netpass.results import MigrationTiming, ProbeData
 
-ETH_P_ALL = 0x0003
 ETH_P_RARP = 0x8035
-SO_TIMESTAMPNS = 35
+ETH_P_ARP = 0x0806
 
 
 class AnnounceSniffer:
@@ -65,10 +65,8 @@ class AnnounceSniffer:
             with contextlib.suppress(BlockingIOError):
                 while True:
                     data, anc, _flags, _addr = self.sock.recvmsg(2048, 64)
-                    if data[6:12] != self.mac or struct.unpack("!H", data[12:14])[0] not in (
-                        ETH_P_RARP,
-                        0x0806,
-                    ):
+                    ethertype = struct.unpack("!H", data[12:14])[0]
+                    if data[6:12] != self.mac or ethertype not in (ETH_P_RARP, ETH_P_ARP):
                         continue
                     t = time.time_ns()
                     for level, kind, raw in anc:
