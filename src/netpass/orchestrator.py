@@ -470,49 +470,53 @@ class NetpassTimeline:
         except DatapathError as e:
             self._fail_datapath(e)
 
-    def _dst_completed(self) -> bool:
-        # Precopy: the incoming side reports 'completed' once the VM is loaded and paused (-S).
-        return any(
-            e.name == "MIGRATION" and e.data.get("status") == "completed" for e in self.dst.events
-        )
-
-    def _src_failed(self) -> bool:
-        return any(
-            e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
-            for e in self.src.events
-        )
+    def _src_failed(self, e: Event) -> bool:
+        return e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
 
     async def _dst_loaded(self) -> bool:
         """True once the destination holds the loaded VM, paused; False if the migration
-        failed (a failed incoming QEMU exits, so its QMP going away means the same)."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self._src_failed():
+        failed (a failed incoming QEMU exits, so the source reports 'failed')."""
+        failed = asyncio.create_task(self.src.wait_event(self._src_failed, self.timeout))
+        loaded = asyncio.create_task(
+            self._dst_postcopy_paused() if self.postcopy else self._dst_precopy_done()
+        )
+        try:
+            done, _ = await asyncio.wait(
+                {failed, loaded}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for t in (failed, loaded):
+                t.cancel()
+            await asyncio.gather(failed, loaded, return_exceptions=True)
+        if failed in done and not failed.cancelled() and failed.exception() is None:
+            return False
+        if loaded in done and loaded.exception() is None:
+            return True
+        if failed in done or loaded in done:
+            # The destination's QMP went away: a failed incoming QEMU exits; the source says why.
+            with contextlib.suppress(MigrationError):
+                await self.src.wait_event(self._src_failed, 10)
                 return False
-            try:
-                if self._dst_completed():
-                    return True
-                # Postcopy: 'completed' only comes once every page is there; the VM is loaded
-                # (and paused, -S) long before.
-                if self.postcopy and await _status(self.dst) == "paused":
-                    return True
-            except MigrationError:
-                with contextlib.suppress(MigrationError):
-                    await self.src.wait_event(
-                        lambda e: (
-                            e.name == "MIGRATION"
-                            and e.data.get("status") in ("failed", "cancelled")
-                        ),
-                        10,
-                    )
-                    return False
-                raise
-            await asyncio.sleep(0.001)
         raise MigrationError("destination did not finish loading the VM")
+
+    async def _dst_precopy_done(self) -> None:
+        # The incoming side reports 'completed' once the VM is loaded and paused (-S); waiting
+        # on the event (not polling) keeps `cont` one QMP round trip behind it.
+        await self.dst.wait_event(
+            is_event("MIGRATION", status="completed"), self.timeout, what="destination"
+        )
+
+    async def _dst_postcopy_paused(self) -> None:
+        # Postcopy: 'completed' only comes once every page is there; the VM is loaded (and
+        # paused, -S) long before, and QEMU announces that with no event: poll.
+        while await _status(self.dst) != "paused":
+            await asyncio.sleep(0.0005)
 
     # 4. Destination: rescued frames first (bypass skips the closed hold), then the hold opens.
     async def _deliver(self) -> None:
         self.phase[0] = "deliver"
+        for p in self.pairs:
+            p.dst.set_pace(p.src.catchup_per_ms())
         deadline = time.monotonic() + RESCUE_DEADLINE_S
         while True:
             moved = 0

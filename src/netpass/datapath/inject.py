@@ -69,6 +69,13 @@ class Injector:
             raise DatapathError(f"cannot open injection socket on {ifname}: {e.strerror}") from e
         self._sock = sock
 
+    def set_pace(self, pace_per_ms: float | None) -> None:
+        """Change the cap on frames per millisecond (None: unpaced)."""
+        if pace_per_ms is not None and not pace_per_ms > 0:
+            raise DatapathError(f"pace must be a positive number of frames/ms, not {pace_per_ms}")
+        self._interval_ns = round(1_000_000 / pace_per_ms) if pace_per_ms else 0
+        self._next_ns = 0
+
     def send(self, frame: bytes) -> None:
         """Queue FRAME on the tap (paced if asked), waiting up to `retry_for` for room."""
         if self._interval_ns:
