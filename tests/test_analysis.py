@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netpass.analysis import LostRun, ProbeStats, analyze, percentile
+from netpass.analysis import LostRun, ProbeStats, analyze, percentile, silent_at_end
 from netpass.errors import UsageError
 from netpass.results import ProbeData
 
@@ -143,3 +143,10 @@ def test_accounting_property(
     assert sum(r.count for r in s.lost_runs) == s.lost
     valid = [r for r in replies if 0 <= r[0] < n]
     assert s.received + s.duplicates == len(valid)
+
+
+def test_silent_at_end() -> None:
+    assert not silent_at_end(stream(1000))
+    assert not silent_at_end(stream(1000, lost=range(800, 990)))  # answers again at the end
+    assert silent_at_end(stream(1000, lost=range(650, 1000)))  # died: nothing for 350 ms
+    assert not silent_at_end(stream(200, lost=range(200)))  # too short to tell

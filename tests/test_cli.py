@@ -49,3 +49,12 @@ def test_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
         "netpass: netpass needs root (network namespaces, taps and tc); run it with sudo"
     ]
     assert netns.list_names("npnoroot-") == []
+
+
+def test_library_entry_point() -> None:
+    import netpass
+    from netpass import orchestrator
+
+    assert netpass.migrate is orchestrator.migrate
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        _ = netpass.nothing  # type: ignore[attr-defined]

@@ -622,6 +622,28 @@ def test_inject_pacing(netns: str) -> None:
         os.close(fd)
 
 
+def test_inject_pace_can_start_mid_stream(netns: str) -> None:
+    """The destination's catch-up: a first burst unpaced, then paced, order kept."""
+    fd = tapfd.open_tap("npdtaps", hdr_len=HDR_LEN)
+    reader = Reader(fd, HDR_LEN).start()
+    try:
+        with iproute() as ipr:
+            ipr.link("set", ifname="npdtaps", state="up")
+        with Injector("npdtaps") as inj:
+            inj.send_many(frame(b"S", i) for i in range(32))
+            inj.set_pace(2)
+            t0 = time.monotonic()
+            inj.send_many(frame(b"S", i) for i in range(32, 232))
+            took = time.monotonic() - t0
+            with pytest.raises(DatapathError):
+                inj.set_pace(0)
+        assert took >= 0.09  # 200 frames at 2/ms; at most 1 ms worth goes early
+        assert wait_until(lambda: reader.of("S") == list(range(232)), 2)
+    finally:
+        reader.stop()
+        os.close(fd)
+
+
 # --- tap fd of another process
 
 

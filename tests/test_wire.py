@@ -847,6 +847,44 @@ def test_frame_digest_is_sha256_over_the_records() -> None:
     expected = hashlib.sha256(b"".join(encode_frame_record(r) for r in frames))
     assert d.digest() == expected.digest() and d.hexdigest() == expected.hexdigest()
     assert d.summary(3) == NicSummary(3, 2, expected.digest())
+    raw = FrameDigest()
+    raw.update_encoded(b"".join(encode_frame_record(r) for r in frames), len(frames))
+    assert raw.summary(3) == d.summary(3)
+
+
+class _Bytes(bytes):
+    pass
+
+
+class _Record(FrameRecord):
+    __slots__ = ()
+
+
+def test_frames_batch_paths_agree_with_the_per_record_rules() -> None:
+    # FRAMES are checked a whole batch at a time; unusual but valid records take the
+    # per-record path, and a bad record is still named by its position.
+    ba = FrameRecord(bytearray(eth(b"b")))  # type: ignore[arg-type]
+    odd = (rec(b"a"), ba, FrameRecord(_Bytes(eth(b"c"))), _Record(eth(b"d")))
+    data = encode_message(Frames(MID, 0, 0, odd))
+    assert data[HEADER_SIZE + 30 :] == b"".join(encode_frame_record(r) for r in odd)
+    assert decode_message(data) == Frames(MID, 0, 0, tuple(FrameRecord(r.data) for r in odd))
+    for bad, text in [
+        (FrameRecord(eth(b"x"), True), "frame 2 vnet_hdr_len must be a u32"),
+        (FrameRecord("text"), "frame 2 data must be bytes"),  # type: ignore[arg-type]
+        (b"raw", "frame 2 must be a FrameRecord"),
+        (FrameRecord(bytes(13)), "frame 2: 13-byte frame is shorter than 14"),
+    ]:
+        with pytest.raises(LocalProtocolError, match=text):
+            encode_message(Frames(MID, 0, 0, (rec(), rec(), bad, rec())))  # type: ignore[arg-type]
+    # A receiver names the first bad record the same way, wherever the batch goes wrong.
+    body = bytearray(data[HEADER_SIZE:])
+    body[30 + 8 + 15 : 30 + 8 + 15 + 4] = (5).to_bytes(4, "big")  # record 1: length 5
+    with pytest.raises(RemoteProtocolError, match="frame record 1: 5-byte frame is shorter"):
+        decode_message(raw_message(MsgType.FRAMES, bytes(body)))
+    with pytest.raises(RemoteProtocolError, match="frame record 3 truncated"):
+        decode_message(raw_message(MsgType.FRAMES, data[HEADER_SIZE:-1]))
+    with pytest.raises(RemoteProtocolError, match="1 unexpected trailing bytes"):
+        decode_message(raw_message(MsgType.FRAMES, data[HEADER_SIZE:] + b"\0"))
 
 
 def test_clock_offset() -> None:

@@ -196,3 +196,16 @@ def analyze(
         rtt=rtt_stats([(t - send_ns[s]) / 1e6 for s, t in first_arrival.items()]),
         rtt_in_window=rtt_stats(win_rtts),
     )
+
+
+SILENT_TAIL_MS = 300.0
+
+
+def silent_at_end(probe: ProbeData, tail_ms: float = SILENT_TAIL_MS) -> bool:
+    """True if no reply arrived during the last TAIL_MS of sending: the target stopped
+    answering (in the lab: the guest died or hung after the migration) rather than lost a few
+    frames. A probe shorter than TAIL_MS says nothing and counts as answering."""
+    if not probe.send_ns or probe.send_ns[-1] - probe.send_ns[0] < tail_ms * 1e6:
+        return False
+    cutoff = probe.send_ns[-1] - round(tail_ms * 1e6)
+    return not any(t >= cutoff for _, t in probe.replies)

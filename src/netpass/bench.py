@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from netpass import lab, report, trial
+from netpass.analysis import SILENT_TAIL_MS, silent_at_end
 from netpass.errors import UsageError
 
 Metric = Callable[[report.RunRecord], float | None]
@@ -164,19 +165,29 @@ def render_markdown(
     for name, fn in METRICS:
         row = [summarize([fn(r) for r in results[c]]) for c in cells]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
+    silent = [sum(silent_at_end(r.probe) for r in results[c]) for c in cells]
+    lines.append(
+        f"| VM stopped answering (runs; no reply in the last {SILENT_TAIL_MS:g} ms) | "
+        + " | ".join(f"{k} of {len(results[c])}" for k, c in zip(silent, cells, strict=True))
+        + " |"
+    )
     lines += [
         "",
         "## Runs",
         "",
-        "| cell | run | lost | in window | pause (ms) | QEMU downtime (ms) |",
-        "|---|---|---|---|---|---|",
+        "| cell | run | lost | in window | reordered | pause (ms) | QEMU downtime (ms) "
+        "| VM answering at the end |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         for i, r in enumerate(results[c], 1):
             pause = summarize([r.timing.true_pause_ms])
             qemu = summarize([r.timing.qemu_downtime_ms])
-            lost, window = r.stats.lost, r.stats.lost_in_window
-            lines.append(f"| {c.label} | {i} | {lost} | {window} | {pause} | {qemu} |")
+            lost, window, reord = r.stats.lost, r.stats.lost_in_window, r.stats.reordered
+            alive = "no" if silent_at_end(r.probe) else "yes"
+            lines.append(
+                f"| {c.label} | {i} | {lost} | {window} | {reord} | {pause} | {qemu} | {alive} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -105,22 +105,16 @@ def _write_outputs(recs: list[RunRecord], json_path: str | None, png_path: str |
         out_console.print(f"timeline PNG: {png_path}")
 
 
-# QEMU 7.2 defaults to 32 MiB/s; a guest under a 5k pps probe dirties pages faster than that
-# on a TCG lab host and precopy then takes a minute to converge. Lab links are local.
-LAB_MAX_BANDWIDTH = 1 << 30
-
-
 def lab_driver(mode: str, postcopy: bool, downtime: int | None, show: ProgressFn | None) -> Driver:
     """A trial driver that migrates the lab VM from its status dict, in the given mode."""
-    from netpass.orchestrator import migrate_netpass, migrate_stock
-
-    migrate = migrate_netpass if mode == "netpass" else migrate_stock
+    from netpass.orchestrator import migrate
 
     def drive(s: dict[str, Any]) -> Coroutine[Any, Any, MigrationTiming]:
         return migrate(
             s["source"]["qmp"],
             s["destination"]["qmp"],
             s["migration_uri"],
+            netpass=(mode == "netpass"),
             postcopy=postcopy,
             downtime_ms=downtime,
             progress=show,

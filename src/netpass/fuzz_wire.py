@@ -527,15 +527,32 @@ def write_seed_corpus(directory: str) -> int:
     return len(corpus)
 
 
+USAGE: Final = """\
+usage: python -m netpass.fuzz_wire [CASES [SEED]]   seeded mutation fuzzing (100000 cases, seed 0)
+       python -m netpass.fuzz_wire --atheris [libFuzzer flags]
+       python -m netpass.fuzz_wire --seed-corpus DIR"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     if args and args[0] == "--atheris":
         _atheris_main([sys.argv[0], *args[1:]])
         return 0
-    if args and args[0] == "--seed-corpus":
+    if len(args) == 2 and args[0] == "--seed-corpus":
         print(write_seed_corpus(args[1]))
         return 0
-    stats = run_fuzz(int(args[0]) if args else 100_000)
+    try:
+        if len(args) > 2:
+            raise ValueError(args)
+        cases = int(args[0]) if args else 100_000
+        seed = int(args[1]) if len(args) > 1 else 0
+    except ValueError:
+        print(USAGE, file=sys.stderr)
+        return 2
+    stats = run_fuzz(cases, seed)
     for key, value in stats.items():
         print(f"{key}: {value}")
     return 1 if stats["unexpected"] else 0

@@ -232,6 +232,33 @@ def _fill_info(timing: MigrationTiming, info: dict[str, Any]) -> None:
     timing.ram_total_bytes = int(ram["total"]) if "total" in ram else None
 
 
+async def migrate(
+    src_qmp: str,
+    dst_qmp: str,
+    uri: str,
+    *,
+    netpass: bool = True,
+    postcopy: bool = False,
+    downtime_ms: int | None = None,
+    max_bandwidth: int | None = None,
+    progress: ProgressFn | None = None,
+    timeout: float = 300.0,
+) -> MigrationTiming:
+    """Migrate the VM behind SRC_QMP to the QEMU behind DST_QMP (`-incoming defer`, and `-S`
+    with netpass) over URI; returns the measured timing, with the per-NIC netpass counters in
+    `.netpass["nics"]`. NETPASS=False is QEMU's own switchover, measured the same way."""
+    kw: dict[str, Any] = dict(
+        postcopy=postcopy,
+        downtime_ms=downtime_ms,
+        max_bandwidth=max_bandwidth,
+        progress=progress,
+        timeout=timeout,
+    )
+    if netpass:
+        return await migrate_netpass(src_qmp, dst_qmp, uri, **kw)
+    return await migrate_stock(src_qmp, dst_qmp, uri, **kw)
+
+
 # --- netpass mode ------------------------------------------------------------------------------
 QUIET_S = 0.005  # the source tap has been quiet this long: the switch now points at the dest
 RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME

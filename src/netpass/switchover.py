@@ -37,6 +37,7 @@ BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
 CATCHUP_BURST = 32
 CATCHUP_MIN_PER_MS = 6.0
 CATCHUP_FACTOR = 1.2
+RELEASE_MAX_S = 10.0  # a paced release that has not drained by then opens fully
 # The relay wakes at most once per BATCH_S and moves everything queued: per-frame wake-ups (of
 # netpass and, through the tap, of QEMU) cost 30% of a core at 10k pps, batches of 2 ms 8%.
 # Relayed frames reach the running guest up to this much later; the accounting is unchanged.
@@ -410,9 +411,11 @@ class DestNic:
         """Open the hold (paced where the hold can pace); returns how many frames it had kept."""
         held = self.hold.stats().qlen if self.hold.closed else 0
         if held and self.hold.can_pace and self._pace:
-            # New frames queue behind the held ones while the paced release lasts.
+            # New frames queue behind the held ones while the paced release lasts; the queue
+            # shrinks at (pace - arrival rate), so this can take a while after a long pause.
+            # Opening fully before it is drained would hand the guest the rest in one burst.
             self.hold.open(pace_per_ms=self._pace)
-            self.hold.wait_drained(timeout=held / self._pace / 1000 + 1.0)
+            self.hold.wait_drained(timeout=RELEASE_MAX_S)
         self.hold.open()
         return held
 

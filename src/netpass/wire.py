@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import operator
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import ClassVar, Final, NoReturn
 from uuid import UUID
 
@@ -82,6 +84,8 @@ MAGIC: Final = b"NPAS"
 _HEADER: Final = struct.Struct(">4sBBHI")  # magic, major version, type, flags, body length
 HEADER_SIZE: Final = _HEADER.size
 _RECORD: Final = struct.Struct(">II")  # filter-mirror record: total length, vnet header length
+# A whole FRAMES prefix in one pack: header, then migration id, nic id, first index, frame count.
+_FRAMES_PREFIX: Final = struct.Struct(">4sBBHI16sHQI")
 _U8: Final = struct.Struct(">B")
 _U16: Final = struct.Struct(">H")
 _U32: Final = struct.Struct(">I")
@@ -102,6 +106,7 @@ _FRAMES_FIXED: Final = 30  # migration id, nic id, first index, frame count
 _COUNTER_NAME_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
 )
+assert _FRAMES_PREFIX.size == HEADER_SIZE + _FRAMES_FIXED
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -577,6 +582,54 @@ def _check_record_lengths(total: int, vnet: int, lim: Limits, min_payload: int, 
     _need(payload >= min_payload, f"{what}: {payload}-byte frame is shorter than {min_payload}")
 
 
+# What _encode_frames needs of a validated FRAMES: each record's data, vnet length and size.
+_FrameFields = tuple[Sequence[bytes | bytearray], Sequence[int], Sequence[int]]
+_BYTES_TYPES: Final = frozenset({bytes, bytearray})
+_INT_ONLY: Final = frozenset({int})
+_record_data: Final[Callable[[FrameRecord], bytes]] = operator.attrgetter("data")
+_record_vnet: Final[Callable[[FrameRecord], int]] = operator.attrgetter("vnet_hdr_len")
+
+
+def _frames_fields(msg: Frames, lim: Limits) -> _FrameFields:
+    """Check every field of a FRAMES (as _validate does) and return what encoding needs.
+
+    A batch carries thousands of records, so the common case is checked with C-level passes
+    over the whole batch (map, min, max) instead of a Python call per record. Anything unusual
+    (a subclass, a bad value) falls back to the per-record checks, which give the exact error.
+    """
+    _mid(msg.migration_id)
+    _uint("nic_id", msg.nic_id, 16)
+    _uint("first_index", msg.first_index, 64)
+    frames = msg.frames
+    n = len(frames)
+    _need(n >= 1, "FRAMES must carry at least one frame")
+    _need(
+        n <= lim.max_frames_per_batch,
+        f"FRAMES carries {n} frames; max_frames_per_batch={lim.max_frames_per_batch}",
+        ErrorCode.LIMIT_EXCEEDED,
+    )
+    _uint("first_index + frame count", msg.first_index + n, 64)
+    if set(map(type, frames)) == {FrameRecord}:
+        datas = list(map(_record_data, frames))
+        vnets = list(map(_record_vnet, frames))
+        if set(map(type, datas)) <= _BYTES_TYPES and set(map(type, vnets)) == _INT_ONLY:
+            lens = list(map(len, datas))
+            # payload >= ETH_HLEN > 0 also gives vnet <= length; vnet <= max_vnet_hdr_bytes
+            # (a u16) keeps it a u32.
+            payloads = list(map(operator.sub, lens, vnets))
+            if (
+                min(vnets) >= 0
+                and max(vnets) <= lim.max_vnet_hdr_bytes
+                and min(payloads) >= ETH_HLEN
+                and max(payloads) <= lim.max_frame_bytes
+            ):
+                return datas, vnets, lens
+    for i, rec in enumerate(frames):
+        _record(i, rec, lim)
+    # Valid, but with subclasses the fast path does not vouch for.
+    return [r.data for r in frames], [r.vnet_hdr_len for r in frames], [len(r.data) for r in frames]
+
+
 def _validate(msg: Message, lim: Limits) -> None:
     """Check every field of ``msg`` against the spec and ``lim`` (no state involved)."""
     match msg:
@@ -623,19 +676,7 @@ def _validate(msg: Message, lim: Limits) -> None:
             _mid(msg.migration_id)
             _uint("started_ns", msg.started_ns, 64)
         case Frames():
-            _mid(msg.migration_id)
-            _uint("nic_id", msg.nic_id, 16)
-            _uint("first_index", msg.first_index, 64)
-            n = len(msg.frames)
-            _need(n >= 1, "FRAMES must carry at least one frame")
-            _need(
-                n <= lim.max_frames_per_batch,
-                f"FRAMES carries {n} frames; max_frames_per_batch={lim.max_frames_per_batch}",
-                ErrorCode.LIMIT_EXCEEDED,
-            )
-            _uint("first_index + frame count", msg.first_index + n, 64)
-            for i, rec in enumerate(msg.frames):
-                _record(i, rec, lim)
+            _frames_fields(msg, lim)
         case End():
             _mid(msg.migration_id)
             _need(
@@ -732,21 +773,83 @@ def _decode_records(
     pos, end = start, len(data)
     out: list[FrameRecord] = []
     while pos < end and (max_records is None or len(out) < max_records):
-        what = f"frame record {len(out)}"
         if end - pos < _RECORD.size:
             if partial:
                 break
-            raise _Invalid(f"{what} truncated inside its 8-byte header")
+            raise _Invalid(f"frame record {len(out)} truncated inside its 8-byte header")
         total, vnet = _RECORD.unpack_from(data, pos)
-        _check_record_lengths(total, vnet, lim, min_payload, what)
+        _check_record_lengths(total, vnet, lim, min_payload, f"frame record {len(out)}")
         if end - pos - _RECORD.size < total:
             if partial:
                 break
-            raise _Invalid(f"{what} truncated: {total} bytes announced, {end - pos - 8} present")
+            raise _Invalid(
+                f"frame record {len(out)} truncated: {total} bytes announced,"
+                f" {end - pos - 8} present"
+            )
         body = pos + _RECORD.size
         out.append(FrameRecord(bytes(data[body : body + total]), vnet))
         pos = body + total
     return out, pos - start
+
+
+# Received records are built without FrameRecord.__init__: the frozen dataclass __init__ costs
+# two object.__setattr__ calls per record, which C-level maps over __new__ and the slot
+# descriptors avoid (about half the cost). FrameRecord has no __post_init__ to skip.
+_new_record: Final[Callable[[type[FrameRecord]], FrameRecord]] = FrameRecord.__new__
+_record_slots: Final = FrameRecord.__dict__  # its data and vnet_hdr_len slot descriptors
+_set_record_data: Final[Callable[[FrameRecord, bytes], None]] = _record_slots["data"].__set__
+_set_record_vnet: Final[Callable[[FrameRecord, int], None]] = _record_slots["vnet_hdr_len"].__set__
+
+
+def _make_records(datas: list[bytes], vnets: list[int]) -> tuple[FrameRecord, ...]:
+    records = tuple(map(_new_record, repeat(FrameRecord, len(datas))))
+    any(map(_set_record_data, records, datas))  # the setters return None: any() runs them all
+    any(map(_set_record_vnet, records, vnets))
+    return records
+
+
+def _decode_frames(body: bytes, lim: Limits) -> Frames:
+    """Decode a FRAMES body and check everything _validate would check of it."""
+    r = _Reader(body, MsgType.FRAMES)
+    mid, nic_id, first = r.uuid(), r.u16("nic id"), r.u64("first index")
+    count = r.u32("frame count")
+    _need(
+        count <= lim.max_frames_per_batch,
+        f"FRAMES announces {count} frames; max_frames_per_batch={lim.max_frames_per_batch}",
+        ErrorCode.LIMIT_EXCEEDED,
+    )
+    # One lean pass that only notices trouble: record headers in bounds and within the
+    # limits, exactly ``count`` records filling the body. If anything is off, the precise
+    # decoder runs again from the start and raises the exact error.
+    datas: list[bytes] = []
+    vnets: list[int] = []
+    add_data, add_vnet, unpack = datas.append, vnets.append, _RECORD.unpack_from
+    max_vnet, max_frame = lim.max_vnet_hdr_bytes, lim.max_frame_bytes
+    pos, end = r.pos, len(body)
+    ok = True
+    for _ in range(count):
+        if end - pos < 8:
+            ok = False
+            break
+        total, vnet = unpack(body, pos)
+        # ETH_HLEN <= total - vnet also rules out vnet > total.
+        if vnet > max_vnet or not ETH_HLEN <= total - vnet <= max_frame:
+            ok = False
+            break
+        pos += 8
+        add_data(body[pos : pos + total])
+        add_vnet(vnet)
+        pos += total
+    if ok and pos == end:
+        records = _make_records(datas, vnets)
+    else:
+        slow, used = _decode_records(body, r.pos, count, lim, ETH_HLEN, False)
+        _need(len(slow) == count, f"FRAMES announces {count} frames, carries {len(slow)}")
+        r.skip_to(r.pos + used)
+        r.done()
+        records = tuple(slow)
+    _uint("first_index + frame count", first + count, 64)
+    return Frames(mid, nic_id, first, records)
 
 
 # --- digests and clocks ---------------------------------------------------------------------
@@ -779,6 +882,15 @@ class FrameDigest:
     def update_many(self, records: Iterable[FrameRecord]) -> None:
         for record in records:
             self.update(record)
+
+    def update_encoded(self, records: bytes | bytearray | memoryview, count: int) -> None:
+        """Add ``count`` records given in their wire layout, back to back.
+
+        The same as update() on each, in one hash call: the hashed layout is the wire
+        layout, so a FRAMES body's record bytes can be hashed as they are.
+        """
+        self._hash.update(records)
+        self._count += count
 
     def digest(self) -> bytes:
         return self._hash.digest()
@@ -821,7 +933,7 @@ def _pstr(raw: bytes) -> bytes:
 
 
 def _encode_body(msg: Message) -> bytes:
-    # Assumes _validate() passed.
+    # Assumes _validate() passed. FRAMES has its own encoder, _encode_frames.
     match msg:
         case Hello():
             major, minor = msg.version
@@ -847,10 +959,6 @@ def _encode_body(msg: Message) -> bytes:
             return msg.migration_id.bytes + _U8.pack(msg.acked)
         case VmStarted():
             return msg.migration_id.bytes + _U64.pack(msg.started_ns)
-        case Frames():
-            head = struct.pack(">HQI", msg.nic_id, msg.first_index, len(msg.frames))
-            records = (encode_frame_record(r) for r in msg.frames)
-            return msg.migration_id.bytes + head + b"".join(records)
         case End():
             entries = (struct.pack(">HQ32s", s.nic_id, s.frame_count, s.digest) for s in msg.nics)
             return msg.migration_id.bytes + _U16.pack(len(msg.nics)) + b"".join(entries)
@@ -872,6 +980,33 @@ def _encode_body(msg: Message) -> bytes:
 
 def _frame_header(t: MsgType, body_len: int) -> bytes:
     return _HEADER.pack(MAGIC, PROTOCOL_VERSION[0], t, 0, body_len)
+
+
+def _encode_frames(msg: Frames, fields: _FrameFields, lim: Limits) -> bytes:
+    """The whole FRAMES message, from the fields _frames_fields() checked, in one join."""
+    datas, vnets, lens = fields
+    n = len(datas)
+    body_len = _FRAMES_FIXED + _RECORD.size * n + sum(lens)
+    _need(
+        HEADER_SIZE + body_len <= lim.max_message_bytes,
+        f"FRAMES would be {HEADER_SIZE + body_len} bytes; the limit is {lim.max_message_bytes}",
+        ErrorCode.LIMIT_EXCEEDED,
+    )
+    parts: list[bytes | bytearray] = [b""] * (2 * n + 1)
+    parts[0] = _FRAMES_PREFIX.pack(
+        MAGIC,
+        PROTOCOL_VERSION[0],
+        MsgType.FRAMES,
+        0,
+        body_len,
+        msg.migration_id.bytes,
+        msg.nic_id,
+        msg.first_index,
+        n,
+    )
+    parts[1::2] = list(map(_RECORD.pack, lens, vnets))
+    parts[2::2] = datas
+    return b"".join(parts)
 
 
 class _Reader:
@@ -971,17 +1106,7 @@ def _decode_body(t: MsgType, body: bytes, lim: Limits) -> Message:
         case MsgType.VM_STARTED:
             msg = VmStarted(r.uuid(), r.u64("started_ns"))
         case MsgType.FRAMES:
-            mid, nic_id, first = r.uuid(), r.u16("nic id"), r.u64("first index")
-            count = r.u32("frame count")
-            _need(
-                count <= lim.max_frames_per_batch,
-                f"FRAMES announces {count} frames; max_frames_per_batch={lim.max_frames_per_batch}",
-                ErrorCode.LIMIT_EXCEEDED,
-            )
-            records, used = _decode_records(body, r.pos, count, lim, ETH_HLEN, False)
-            _need(len(records) == count, f"FRAMES announces {count} frames, carries {len(records)}")
-            r.skip_to(r.pos + used)
-            msg = Frames(mid, nic_id, first, tuple(records))
+            return _decode_frames(body, lim)  # checks all that _validate would
         case MsgType.END:
             mid, count = r.uuid(), r.u16("nic count")
             _need(count <= MAX_NICS, f"END lists {count} NICs; at most {MAX_NICS}")
@@ -1059,7 +1184,14 @@ def encode_message(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
 
 
 def _encode_checked(msg: Message, lim: Limits) -> bytes:
+    if isinstance(msg, Frames):
+        return _encode_frames(msg, _frames_fields(msg, lim), lim)
     _validate(msg, lim)
+    return _encode_valid(msg, lim)
+
+
+def _encode_valid(msg: Message, lim: Limits) -> bytes:
+    # For a message that passed _validate(): only the size is left to check.
     body = _encode_body(msg)
     size = HEADER_SIZE + len(body)
     _need(
@@ -1268,7 +1400,12 @@ class Connection:
             err = LocalProtocolError(str(exc), exc.code)
             self._us.error = err
             raise err from None
-        self._apply(self._us, self._them, event)
+        if isinstance(event, Frames):
+            # The digest covers the records in their wire layout: hash them as encoded.
+            records = memoryview(data)[HEADER_SIZE + _FRAMES_FIXED :]
+            self._apply(self._us, self._them, event, records)
+        else:
+            self._apply(self._us, self._them, event)
         return data
 
     def can_send(self, event: Message) -> bool:
@@ -1282,13 +1419,18 @@ class Connection:
         return True
 
     def _prepare_send(self, event: Message) -> bytes:
+        # Fields first, then state, then size: each message is checked once.
         _need(isinstance(event, Message), f"cannot send {type(event).__name__}")
         lim = self._peer_limits or self.limits
+        if isinstance(event, Frames):
+            fields = _frames_fields(event, lim)
+            self._check(self._us, self._them, event)
+            return _encode_frames(event, fields, lim)
         _validate(event, lim)
         self._check(self._us, self._them, event)
         if isinstance(event, Hello):
             lim = self.limits
-        return _encode_checked(event, lim)
+        return _encode_valid(event, lim)
 
     # -- receiving --
 
@@ -1356,12 +1498,19 @@ class Connection:
             _need(not self._eof, f"stream ended inside {t.name} ({avail} of {total} bytes)")
             return NEED_DATA
         body_at = self._start + HEADER_SIZE
+        # One copy of the body. Slicing the records out of a bytes object costs less than
+        # copying each out of a memoryview, so this copy pays for itself.
         with memoryview(self._buf) as view:
             body = view[body_at : body_at + length].tobytes()
         self._start += total
         if self._start == len(self._buf):
             self._buf.clear()
             self._start = 0
+        if t is MsgType.FRAMES:
+            frames = _decode_frames(body, self.limits)
+            self._check(them, self._us, frames)
+            self._apply(them, self._us, frames, memoryview(body)[_FRAMES_FIXED:])
+            return frames
         msg = _decode_body(t, body, self.limits)
         self._check(them, self._us, msg)
         self._apply(them, self._us, msg)
@@ -1542,7 +1691,7 @@ class Connection:
         )
         if Feature.VNET_HDR not in self._features:
             _need(
-                all(r.vnet_hdr_len == 0 for r in msg.frames),
+                not any(map(_record_vnet, msg.frames)),  # all >= 0 once fields are checked
                 "frame with a vnet header, but VNET_HDR was not negotiated",
                 ErrorCode.FEATURE_NOT_NEGOTIATED,
             )
@@ -1562,7 +1711,8 @@ class Connection:
                 ErrorCode.INTEGRITY,
             )
 
-    def _apply(self, s: _Side, o: _Side, msg: Message) -> None:
+    def _apply(self, s: _Side, o: _Side, msg: Message, records: memoryview | None = None) -> None:
+        """Record that ``s`` sent ``msg``; ``records`` are a FRAMES' record bytes as encoded."""
         match msg:
             case Hello():
                 s.hello = msg
@@ -1582,8 +1732,8 @@ class Connection:
                 s.sent = {int(MsgType.PREPARE)}
                 o.sent = set()
             case Frames():
-                assert self._mig is not None
-                self._mig.digests[msg.nic_id].update_many(msg.frames)
+                assert self._mig is not None and records is not None
+                self._mig.digests[msg.nic_id].update_encoded(records, len(msg.frames))
                 s.sent.add(_key(msg))
             case _:
                 s.sent.add(_key(msg))
