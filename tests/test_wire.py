@@ -24,6 +24,7 @@ from netpass.wire import (
     MAGIC,
     NEED_DATA,
     PAUSED,
+    PROTOCOL_VERSION,
     SUPPORTED_FEATURES,
     Abort,
     Ack,
@@ -42,12 +43,16 @@ from netpass.wire import (
     Frames,
     GiveBack,
     Hello,
+    Hold,
     Limits,
     LocalProtocolError,
     Message,
     MsgType,
+    NicFilter,
+    NicFilterFlag,
     NicSpec,
     NicSummary,
+    Peer,
     Ping,
     Pong,
     Prepare,
@@ -55,6 +60,8 @@ from netpass.wire import (
     RemoteProtocolError,
     Role,
     State,
+    UsedIdx,
+    UsedPhase,
     VmStarted,
     clock_offset,
     decode_frame_records,
@@ -75,6 +82,7 @@ MID = UUID("00112233-4455-6677-8899-aabbccddeeff")
 MID2 = UUID("00112233-4455-6677-8899-aabbccddee00")
 MAC0 = bytes.fromhex("525400123456")
 MAC1 = bytes.fromhex("525400654321")
+MCAST = bytes.fromhex("01005e0000fb")  # 224.0.0.251 (mDNS)
 NICS = (NicSpec(0, "tap0", MAC0, 1), NicSpec(1, "tap1", MAC1, 4))
 VNET = bytes(10) + b"\x01\x00"
 
@@ -176,6 +184,16 @@ SAMPLES: list[Message] = [
     Error(ErrorCode.UNSUPPORTED_VERSION, "nope"),
     Error(0xFFFF, ""),
     Bye(),
+    NicFilter(MID, 0, NicFilterFlag.ALL_MULTICAST, (MCAST, b"\xff" * 6), (MAC1,)),
+    NicFilter(MID, 1, NicFilterFlag(0)),
+    NicFilter(MID, 2, NicFilterFlag(7), (MCAST,) * 256, (MAC0,) * 256),
+    Peer(MID, "dest-host", 7440, "dest-agent"),
+    Peer(MID, "h" * 255, 65535, "n" * 255),
+    Peer(MID, "2001:db8::1", 1, ""),
+    UsedIdx(MID, UsedPhase.BASELINE, ((0, 0), (1, 65535))),
+    UsedIdx(MID, UsedPhase.STOPPED, ()),
+    UsedIdx(MID, UsedPhase.OBSERVE, tuple((i, i) for i in range(64))),
+    Hold(MID),
 ]
 
 
@@ -208,6 +226,8 @@ records = st.builds(
     st.binary(min_size=14, max_size=120),
 )
 counter_names = st.text(string.ascii_letters + string.digits + "_.-", min_size=1, max_size=64)
+multicast_macs = st.binary(min_size=6, max_size=6).map(lambda b: bytes([b[0] | 1]) + b[1:])
+unicast_macs = st.binary(min_size=6, max_size=6).map(lambda b: bytes([b[0] & 0xFE]) + b[1:])
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(
@@ -260,6 +280,28 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Pong, u64, u64, u64),
     st.builds(Error, u16, texts),
     st.just(Bye()),
+    st.builds(
+        NicFilter,
+        st.uuids(),
+        u16,
+        st.integers(0, 7).map(NicFilterFlag),
+        st.lists(multicast_macs, max_size=8).map(tuple),
+        st.lists(unicast_macs, max_size=8).map(tuple),
+    ),
+    st.builds(
+        Peer,
+        st.uuids(),
+        printable,
+        st.integers(1, 0xFFFF),
+        st.text(max_size=40).filter(lambda s: s.isprintable()),
+    ),
+    st.builds(
+        UsedIdx,
+        st.uuids(),
+        st.sampled_from(UsedPhase),
+        st.lists(st.tuples(u16, u16), max_size=64, unique_by=lambda e: e[0]).map(tuple),
+    ),
+    st.builds(Hold, st.uuids()),
 )
 
 
@@ -320,7 +362,7 @@ def test_recorded_sessions_replay_whole_and_byte_by_byte(
 def test_frame_channel_session_states_and_summaries() -> None:
     src, dst = hello_pair()
     assert (src.our_state, src.their_state) == (State.IDLE, State.IDLE)
-    assert src.negotiated_version == (1, 0) and src.negotiated_features == SUPPORTED_FEATURES
+    assert src.negotiated_version == (1, 1) and src.negotiated_features == SUPPORTED_FEATURES
     assert dst.peer_hello is not None and dst.peer_hello.identity == "a-host"
     deliver(src, dst, Prepare(MID, "vm1", NICS))
     assert (src.our_state, dst.their_state) == (State.PREPARING, State.PREPARING)
@@ -808,7 +850,441 @@ def test_minor_versions_negotiate_down() -> None:
     assert conn.negotiated_version is None and conn.negotiated_features is None
     conn.receive_data(encode_message(Hello(Role.ORCHESTRATOR, "orch", version=(1, 5))))
     drain(conn)
-    assert conn.negotiated_version == (1, 0)
+    assert PROTOCOL_VERSION == (1, 1)
+    assert conn.negotiated_version == (1, 1)
+    assert conn.negotiated_features == SUPPORTED_FEATURES
+
+
+# --- protocol 1.1: the switchover messages ---------------------------------------------------
+
+SWITCHOVER_MSGS: list[Message] = [
+    NicFilter(MID, 0, NicFilterFlag(0)),
+    Peer(MID, "dest-host", 7440, ""),
+    UsedIdx(MID, UsedPhase.OBSERVE, ()),
+    Hold(MID),
+]
+
+
+@pytest.mark.parametrize(
+    ("msg", "code", "text"),
+    [
+        (NicFilter("mid", 0, NicFilterFlag(0)), 1, "migration_id must be a uuid.UUID"),  # type: ignore[arg-type]
+        (NicFilter(MID, 0x10000, NicFilterFlag(0)), 1, "nic_id must be a u16"),
+        (NicFilter(MID, 0, NicFilterFlag(8)), 1, "flags has unknown bits 0x08"),
+        (NicFilter(MID, 0, 0x100), 1, "flags must be a u8"),  # type: ignore[arg-type]
+        (NicFilter(MID, 0, True), 1, "flags must be a u8"),  # type: ignore[arg-type]
+        (
+            NicFilter(MID, 0, NicFilterFlag(0), (MAC0,)),
+            1,
+            "multicast MAC 0 (52:54:00:12:34:56) lacks",
+        ),
+        (
+            NicFilter(MID, 0, NicFilterFlag(0), (), (MAC0, MCAST)),
+            1,
+            "unicast MAC 1 (01:00:5e:00:00:fb) has",
+        ),
+        (NicFilter(MID, 0, NicFilterFlag(0), (MCAST[:5],)), 1, "multicast MAC 0 must be 6 bytes"),
+        (NicFilter(MID, 0, NicFilterFlag(0), (bytearray(MCAST),)), 1, "must be 6 bytes"),  # type: ignore[arg-type]
+        (NicFilter(MID, 0, NicFilterFlag(0), (MCAST,) * 257), 6, "257 multicast MACs; at most 256"),
+        (
+            NicFilter(MID, 0, NicFilterFlag(0), (), (MAC0,) * 257),
+            6,
+            "257 unicast MACs; at most 256",
+        ),
+        (Peer(MID, "", 1, ""), 1, "host must be 1..255 bytes"),
+        (Peer(MID, "h" * 256, 1, ""), 1, "host must be 1..255 bytes"),
+        (Peer(MID, "é" * 128, 1, ""), 1, "got 256"),
+        (Peer(MID, "dest\thost", 1, ""), 1, "host 'dest\\thost' contains non-printable"),
+        (Peer(MID, 7, 1, ""), 1, "host must be a str"),  # type: ignore[arg-type]
+        (Peer(MID, "h", 0, ""), 1, "port must be 1..65535, got 0"),
+        (Peer(MID, "h", 65536, ""), 1, "port must be a u16"),
+        (Peer(MID, "h", 1, "n" * 256), 1, "server_name must be 0..255 bytes"),
+        (Peer(MID, "h", 1, "name\n"), 1, "server_name 'name\\n' contains non-printable"),
+        (UsedIdx(MID, 0, ()), 1, "unknown USED_IDX phase 0"),  # type: ignore[arg-type]
+        (UsedIdx(MID, 6, ()), 1, "unknown USED_IDX phase 6"),  # type: ignore[arg-type]
+        (UsedIdx(MID, 256, ()), 1, "phase must be a u8"),  # type: ignore[arg-type]
+        (UsedIdx(MID, UsedPhase.OBSERVE, ((0, 1), (0, 2))), 1, "repeats a nic_id"),
+        (
+            UsedIdx(MID, UsedPhase.OBSERVE, tuple((i, 0) for i in range(65))),
+            6,
+            "65 entries; at most 64",
+        ),
+        (UsedIdx(MID, UsedPhase.OBSERVE, ((0, 65536),)), 1, "entry 0 used_idx must be a u16"),
+        (UsedIdx(MID, UsedPhase.OBSERVE, ((0, 1), (-1, 2))), 1, "entry 1 nic_id must be a u16"),
+        (UsedIdx(MID, UsedPhase.OBSERVE, ((0,),)), 1, "must be a (nic_id, used_idx) pair"),  # type: ignore[arg-type]
+        (Hold(None), 1, "migration_id must be a uuid.UUID"),  # type: ignore[arg-type]
+    ],
+)
+def test_switchover_messages_refused_by_the_encoder(msg: Message, code: int, text: str) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(msg)
+    assert text in str(info.value) and info.value.error_code == code
+    # The same message refused on its way through a connection, before any state check.
+    orch, _ = hello_pair(Role.ORCHESTRATOR)
+    assert not orch.can_send(msg)
+
+
+def _nf(
+    flags: int, multicast: list[bytes], unicast: list[bytes], count: int | None = None
+) -> bytes:
+    n = len(multicast) if count is None else count
+    head = MID.bytes + (0).to_bytes(2, "big") + bytes((flags,)) + n.to_bytes(2, "big")
+    return head + b"".join(multicast) + len(unicast).to_bytes(2, "big") + b"".join(unicast)
+
+
+def _peer(host: bytes, port: int, name: bytes = b"") -> bytes:
+    def pstr(raw: bytes) -> bytes:
+        return len(raw).to_bytes(2, "big") + raw
+
+    return MID.bytes + pstr(host) + port.to_bytes(2, "big") + pstr(name)
+
+
+def _used(phase: int, entries: list[tuple[int, int]], count: int | None = None) -> bytes:
+    n = len(entries) if count is None else count
+    body = MID.bytes + bytes((phase,)) + n.to_bytes(2, "big")
+    return body + b"".join(a.to_bytes(2, "big") + b.to_bytes(2, "big") for a, b in entries)
+
+
+@pytest.mark.parametrize(
+    ("t", "body", "code", "text"),
+    [
+        (MsgType.NIC_FILTER, _nf(8, [], []), 1, "flags has unknown bits 0x08"),
+        (MsgType.NIC_FILTER, _nf(0xFF, [], []), 1, "unknown bits 0xf8"),
+        (MsgType.NIC_FILTER, _nf(0, [MAC0], []), 1, "multicast MAC 0 (52:54:00:12:34:56) lacks"),
+        (MsgType.NIC_FILTER, _nf(0, [], [MCAST]), 1, "unicast MAC 0 (01:00:5e:00:00:fb) has"),
+        (MsgType.NIC_FILTER, _nf(0, [], [], count=257), 1, "257 multicast MACs; at most 256"),
+        (MsgType.NIC_FILTER, _nf(0, [MCAST], [])[:-2] + b"\x01\x01", 1, "257 unicast MACs"),
+        (MsgType.NIC_FILTER, _nf(0, [MCAST], [], count=2), 1, "truncated in multicast MACs"),
+        (MsgType.NIC_FILTER, _nf(0, [MCAST], [MAC0])[:-1], 1, "truncated in unicast MACs"),
+        (MsgType.NIC_FILTER, _nf(0, [], []) + b"\0", 1, "1 unexpected trailing bytes"),
+        (MsgType.NIC_FILTER, _nf(0, [], [])[:-1], 1, "shorter than 23"),
+        (MsgType.NIC_FILTER, _nf(0, [MCAST] * 256, [MAC0] * 256) + b"\0", 6, "exceeds 3095"),
+        (MsgType.PEER, _peer(b"h", 0), 1, "port must be 1..65535, got 0"),
+        (MsgType.PEER, _peer(b"", 1, b"n"), 1, "host must be 1..255 bytes"),
+        (MsgType.PEER, _peer(b"h" * 256, 1), 1, "host must be 1..255 bytes of UTF-8, got 256"),
+        (MsgType.PEER, _peer(b"\xff", 1), 1, "PEER host is not valid UTF-8"),
+        (MsgType.PEER, _peer(b"a\x00b", 1), 1, "contains non-printable"),
+        (MsgType.PEER, _peer(b"h", 1, b"\x1b[2J"), 1, "server_name '\\x1b[2J' contains non-print"),
+        (MsgType.PEER, _peer(b"h", 1, b"n" * 256), 1, "server_name must be 0..255 bytes"),
+        (MsgType.PEER, _peer(b"h", 1)[:-2] + b"\x00\x05", 1, "truncated in server name"),
+        (MsgType.PEER, _peer(b"h" * 255, 1, b"n" * 255) + b"\0", 6, "exceeds 532"),
+        (MsgType.USED_IDX, _used(0, []), 1, "USED_IDX names unknown phase 0"),
+        (MsgType.USED_IDX, _used(6, []), 1, "USED_IDX names unknown phase 6"),
+        (MsgType.USED_IDX, _used(2, [(0, 1), (0, 2)]), 1, "USED_IDX repeats a nic_id"),
+        (MsgType.USED_IDX, _used(2, [], count=65), 1, "65 entries; at most 64"),
+        (MsgType.USED_IDX, _used(2, [(0, 1)], count=2), 1, "truncated in entry 1 nic id"),
+        (MsgType.USED_IDX, _used(2, [(0, 1)]) + b"\0", 1, "1 unexpected trailing bytes"),
+        (MsgType.USED_IDX, _used(2, [(i, 0) for i in range(64)]) + b"\0", 6, "exceeds 275"),
+        (MsgType.HOLD, MID.bytes + b"\0", 6, "HOLD body of 17 bytes exceeds 16"),
+        (MsgType.HOLD, MID.bytes[:15], 1, "HOLD body of 15 bytes is shorter than 16"),
+    ],
+)
+def test_switchover_messages_refused_by_the_decoder(
+    t: MsgType, body: bytes, code: int, text: str
+) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode_message(raw_message(t, body))
+    assert text in str(info.value) and info.value.error_code == code
+    # An agent judges them the same way (header bounds first, then the body).
+    _, agent = capturing_pair(leader=Role.ORCHESTRATOR)
+    assert text in expect_remote(agent, raw_message(t, body), ErrorCode(code))
+
+
+def test_switchover_layouts() -> None:
+    # The byte layouts of docs/protocol.md, field by field.
+    nf = NicFilter(MID, 0x0102, NicFilterFlag.PROMISCUOUS | NicFilterFlag.ALL_UNICAST, (MCAST,))
+    layout = bytes.fromhex("0102 05 0001 01005e0000fb 0000")
+    assert encode_message(nf)[HEADER_SIZE:] == MID.bytes + layout
+    peer = encode_message(Peer(MID, "dst", 7440, "agent"))[HEADER_SIZE:]
+    assert (
+        peer == MID.bytes + bytes.fromhex("0003") + b"dst" + bytes.fromhex("1d10 0005") + b"agent"
+    )
+    used = encode_message(UsedIdx(MID, UsedPhase.FINAL, ((1, 2), (0, 0xFFFF))))[HEADER_SIZE:]
+    assert used == MID.bytes + bytes.fromhex("04 0002 0001 0002 0000 ffff")
+    assert encode_message(Hold(MID)) == raw_message(0x13, MID.bytes)
+    # Plain values are accepted where the enums are declared, and decode to the enums.
+    plain = UsedIdx(MID, 2, {0: 5, 1: 6})  # type: ignore[arg-type]
+    assert plain.entries == ((0, 5), (1, 6))
+    decoded = decode_message(encode_message(plain))
+    assert isinstance(decoded, UsedIdx) and decoded.phase is UsedPhase.OBSERVE
+    assert decoded == UsedIdx(MID, UsedPhase.OBSERVE, ((0, 5), (1, 6)))
+    nf3 = decode_message(encode_message(NicFilter(MID, 0, 3, [MCAST])))  # type: ignore[arg-type]
+    assert isinstance(nf3, NicFilter) and nf3.multicast == (MCAST,)
+    assert nf3.flags == NicFilterFlag.PROMISCUOUS | NicFilterFlag.ALL_MULTICAST
+    assert isinstance(nf3.flags, NicFilterFlag)
+
+
+def _control_pair(stage: str) -> tuple[Connection, Connection]:
+    """An ORCHESTRATOR and its AGENT, with migration MID driven up to ``stage``."""
+    orch, agent = hello_pair(Role.ORCHESTRATOR)
+    steps = [
+        ("prepare", orch, agent, Prepare(MID, "vm1", NICS)),
+        ("prepared", agent, orch, Prepared(MID)),
+        ("capture_on", orch, agent, CaptureOn(MID)),
+        ("capturing", agent, orch, Ack(MID, MsgType.CAPTURE_ON)),
+    ]
+    for name, src, dst, msg in steps:
+        if stage == "hello":
+            break
+        deliver(src, dst, msg)
+        if name == stage:
+            break
+    return orch, agent
+
+
+def test_switchover_session_is_accepted() -> None:
+    orch, agent = hello_pair(Role.ORCHESTRATOR)
+    assert orch.negotiated_features == agent.negotiated_features == SUPPORTED_FEATURES
+    assert Feature.SWITCHOVER in SUPPORTED_FEATURES and orch.negotiated_version == (1, 1)
+    for mid in (MID, MID2):  # every per-migration rule starts afresh with each PREPARE
+        sent: list[Message] = [Prepare(mid, "vm1", NICS)]
+        # Before PREPARED has arrived: the rules only look at what the orchestrator sent.
+        sent += [NicFilter(mid, 1, NicFilterFlag(0), (MCAST,)), Peer(mid, "dst", 7440, "dst")]
+        for msg in sent:
+            assert deliver(orch, agent, msg) == msg
+        deliver(agent, orch, Prepared(mid))
+        for msg in [
+            NicFilter(mid, 0, NicFilterFlag.PROMISCUOUS, (), (MAC1,)),
+            CaptureOn(mid),
+        ]:
+            assert deliver(orch, agent, msg) == msg
+        deliver(agent, orch, Ack(mid, MsgType.CAPTURE_ON))
+        assert orch.our_state is agent.their_state is State.CAPTURING
+        for msg in [
+            UsedIdx(mid, UsedPhase.BASELINE, ((1, 10), (0, 20))),
+            UsedIdx(mid, UsedPhase.OBSERVE, ((0, 25),)),
+            UsedIdx(mid, UsedPhase.OBSERVE, ()),
+            UsedIdx(mid, UsedPhase.OBSERVE, ((0, 26), (1, 11))),
+            UsedIdx(mid, UsedPhase.STOPPED, ()),
+            Hold(mid),
+            UsedIdx(mid, UsedPhase.FINAL, ((0, 30), (1, 12))),
+            VmStarted(mid, 5),
+        ]:
+            assert deliver(orch, agent, msg) == msg
+            assert orch.our_state is agent.their_state is State.CAPTURING  # unchanged
+        summaries = (NicSummary(0, 1, bytes(32)), NicSummary(1, 0, bytes(32)))
+        deliver(agent, orch, End(mid, summaries))
+        deliver(agent, orch, Counts(mid, (("relayed", 3),)))
+        # The agent's END is no ABORT: the orchestrator may go on until its own closing message.
+        resumed = UsedIdx(mid, UsedPhase.RESUMED, ((0, 31),))
+        assert deliver(orch, agent, resumed) == resumed
+        deliver(orch, agent, Ack(mid, MsgType.END))
+        assert orch.our_state is agent.our_state is State.IDLE
+        assert not orch.can_send(UsedIdx(mid, UsedPhase.RESUMED, ()))
+    deliver(orch, agent, Bye())
+    # Once the migration is closed, nothing more may come for it.
+    orch, agent = _control_pair("capturing")
+    deliver(orch, agent, Abort(MID))
+    deliver(agent, orch, Ack(MID, MsgType.ABORT))
+    for msg in SWITCHOVER_MSGS:
+        assert not orch.can_send(msg)
+    text = expect_remote(agent, encode_message(Hold(MID)), ErrorCode.UNEXPECTED_MESSAGE)
+    assert "after closing the migration" in text
+
+
+_B, _O, _S, _F, _R = (
+    UsedPhase.BASELINE,
+    UsedPhase.OBSERVE,
+    UsedPhase.STOPPED,
+    UsedPhase.FINAL,
+    UsedPhase.RESUMED,
+)
+_ALL = ((0, 1), (1, 1))
+
+
+@pytest.mark.parametrize(
+    ("stage", "before", "msg", "code", "text"),
+    [
+        ("hello", [], NicFilter(MID, 0, NicFilterFlag(0)), 5, "not the current one"),
+        ("hello", [], Peer(MID, "h", 1, ""), 5, "not the current one"),
+        ("hello", [], UsedIdx(MID, _O, ()), 5, "not the current one"),
+        ("hello", [], Hold(MID), 5, "not the current one"),
+        ("prepare", [], NicFilter(MID2, 0, NicFilterFlag(0)), 5, "not the current one"),
+        ("prepare", [], NicFilter(MID, 7, NicFilterFlag(0)), 5, "nic 7, which was not prepared"),
+        (
+            "prepared",
+            [NicFilter(MID, 0, NicFilterFlag(0))],
+            NicFilter(MID, 0, NicFilterFlag(1)),
+            5,
+            "NIC_FILTER for nic 0 twice",
+        ),
+        ("prepared", [Peer(MID, "h", 1, "")], Peer(MID, "h", 2, ""), 5, "sent PEER twice"),
+        ("capture_on", [], NicFilter(MID, 0, NicFilterFlag(0)), 5, "NIC_FILTER after CAPTURE_ON"),
+        ("capture_on", [], Peer(MID, "h", 1, ""), 5, "PEER after CAPTURE_ON"),
+        ("capturing", [], Peer(MID, "h", 1, ""), 5, "PEER after CAPTURE_ON"),
+        ("prepare", [], UsedIdx(MID, _B, _ALL), 5, "USED_IDX before CAPTURE_ON was ACKed"),
+        ("capture_on", [], UsedIdx(MID, _O, ()), 5, "USED_IDX before CAPTURE_ON was ACKed"),
+        ("prepared", [], Hold(MID), 5, "HOLD before CAPTURE_ON was ACKed"),
+        ("capture_on", [], Hold(MID), 5, "HOLD before CAPTURE_ON was ACKed"),
+        ("capturing", [Hold(MID)], Hold(MID), 5, "sent HOLD twice"),
+        ("capturing", [], UsedIdx(MID, _O, ((9, 1),)), 5, "nic 9, which was not prepared"),
+        ("capturing", [], UsedIdx(MID, _B, ((0, 1),)), 1, "USED_IDX(BASELINE) lists nics [0]"),
+        ("capturing", [], UsedIdx(MID, _F, ((1, 1),)), 1, "must list every prepared NIC"),
+        ("capturing", [], UsedIdx(MID, _F, ()), 1, "must list every prepared NIC [0, 1]"),
+        ("capturing", [UsedIdx(MID, _B, _ALL)], UsedIdx(MID, _B, _ALL), 5, "(BASELINE) twice"),
+        ("capturing", [UsedIdx(MID, _S, ())], UsedIdx(MID, _S, ()), 5, "(STOPPED) twice"),
+        ("capturing", [UsedIdx(MID, _F, _ALL)], UsedIdx(MID, _F, _ALL), 5, "(FINAL) twice"),
+        ("capturing", [UsedIdx(MID, _R, ())], UsedIdx(MID, _R, ()), 5, "(RESUMED) twice"),
+        (
+            "capturing",
+            [UsedIdx(MID, _S, ())],
+            UsedIdx(MID, _O, ()),
+            5,
+            "USED_IDX(OBSERVE) after USED_IDX(STOPPED): phases only move forward",
+        ),
+        ("capturing", [UsedIdx(MID, _O, ())], UsedIdx(MID, _B, _ALL), 5, "only move forward"),
+        ("capturing", [UsedIdx(MID, _R, ())], UsedIdx(MID, _F, _ALL), 5, "only move forward"),
+        ("capturing", [Abort(MID)], UsedIdx(MID, _O, ()), 5, "after closing the migration"),
+        ("capturing", [Abort(MID)], Hold(MID), 5, "after closing the migration"),
+        ("capturing", [UsedIdx(MID, _O, ())], UsedIdx(MID2, _O, ()), 5, "not the current one"),
+    ],
+)
+def test_switchover_state_rules(
+    stage: str, before: list[Message], msg: Message, code: int, text: str
+) -> None:
+    # Each rule is one the receiver can check too: it only looks at what the orchestrator sent
+    # or at what the agent itself sent (ACK(CAPTURE_ON)). So both ends refuse the same message.
+    orch, agent = _control_pair(stage)
+    for m in before:
+        deliver(orch, agent, m)
+    data = encode_message(msg)
+    assert not orch.can_send(msg)
+    with pytest.raises(LocalProtocolError) as info:
+        orch.send(msg)
+    assert text in str(info.value) and info.value.error_code == code
+    assert orch.our_state is State.ERROR
+    assert text in expect_remote(agent, data, ErrorCode(code))
+
+
+@pytest.mark.parametrize("msg", SWITCHOVER_MSGS, ids=lambda m: type(m).__name__)
+def test_only_the_orchestrator_sends_switchover_messages(msg: Message) -> None:
+    name = msg.TYPE.name
+    # The agent may only receive them.
+    orch, agent = _control_pair("capturing")
+    with pytest.raises(LocalProtocolError, match=f"AGENT may not send {name}"):
+        agent.send(msg)
+    expect_remote(orch, encode_message(msg), ErrorCode.UNEXPECTED_MESSAGE)
+    # Not on the frame channel either, in either direction, although SWITCHOVER is negotiated.
+    for i in range(2):
+        src, dst = capturing_pair()
+        assert src.negotiated_features == SUPPORTED_FEATURES
+        sender, receiver = (src, dst) if i == 0 else (dst, src)
+        role = sender.our_role.name
+        with pytest.raises(LocalProtocolError, match=f"{role} may not send {name}"):
+            sender.send(msg)
+        text = expect_remote(receiver, encode_message(msg), ErrorCode.UNEXPECTED_MESSAGE)
+        assert f"{role} may not send {name}" in text
+
+
+def test_switchover_messages_that_cross_an_abort() -> None:
+    # The agent refuses the PREPARE while NIC_FILTER and PEER are on their way: they crossed
+    # its ABORT, so it accepts them and the application ignores them.
+    orch, agent = _control_pair("prepare")
+    in_flight = orch.send(NicFilter(MID, 0, NicFilterFlag(0))) + orch.send(Peer(MID, "h", 1, ""))
+    orch.receive_data(agent.send(Abort(MID, "tap not found")))
+    assert drain(orch) == [Abort(MID, "tap not found")]
+    agent.receive_data(in_flight)
+    assert [type(e) for e in drain(agent)] == [NicFilter, Peer]
+    # Having received the ABORT, the orchestrator may only acknowledge it: a rule only its
+    # own end can check.
+    for msg in [NicFilter(MID, 1, NicFilterFlag(0)), CaptureOn(MID)]:
+        with pytest.raises(LocalProtocolError, match="only ACK"):
+            _control_pair_after_abort("prepare").send(msg)
+    # The same during capture: a USED_IDX and a HOLD that cross the agent's ABORT.
+    orch, agent = _control_pair("capturing")
+    in_flight = orch.send(UsedIdx(MID, UsedPhase.STOPPED, ())) + orch.send(Hold(MID))
+    orch.receive_data(agent.send(Abort(MID, "agent shutting down")))
+    drain(orch)
+    assert not orch.can_send(UsedIdx(MID, UsedPhase.FINAL, _ALL))
+    assert not orch.can_send(Hold(MID))
+    agent.receive_data(in_flight)
+    assert [type(e) for e in drain(agent)] == [UsedIdx, Hold]
+    deliver(orch, agent, Ack(MID, MsgType.ABORT))
+    assert orch.our_state is agent.our_state is State.IDLE
+
+
+def _control_pair_after_abort(stage: str) -> Connection:
+    orch, agent = _control_pair(stage)
+    deliver(agent, orch, Abort(MID))
+    return orch
+
+
+# --- protocol 1.1 against 1.0 peers -----------------------------------------------------------
+
+V1_0_FEATURES = Feature.VNET_HDR | Feature.COUNTS  # all that 1.0 defines
+
+
+def _with_1_0_agent(agent_hello: Hello) -> tuple[Connection, Connection]:
+    """A 1.1 orchestrator that receives ``agent_hello``, and an agent that stands for that
+    peer: a Connection announcing the features 1.0 defines, in the same version."""
+    orch, agent = Connection(Role.ORCHESTRATOR), Connection(Role.AGENT)
+    deliver(orch, agent, orch.make_hello("orch"))
+    agent.send(Hello(Role.AGENT, "agent", V1_0_FEATURES, agent_hello.version))
+    orch.receive_data(encode_message(agent_hello))
+    assert drain(orch) == [agent_hello]
+    return orch, agent
+
+
+@pytest.mark.parametrize(
+    "agent_hello",
+    [
+        Hello(Role.AGENT, "agent-1.0", V1_0_FEATURES, (1, 0)),
+        # A 1.0 peer may set bit 2 for all we know: to 1.0 it is an unknown bit, and ignored.
+        Hello(Role.AGENT, "agent-1.0", Feature(0xFFFFFFFF), (1, 0)),
+        # A 1.1 peer that does not implement the switchover.
+        Hello(Role.AGENT, "agent-1.1", V1_0_FEATURES, (1, 1)),
+    ],
+    ids=["1.0", "1.0-all-bits", "1.1-without-switchover"],
+)
+def test_switchover_messages_need_the_feature(agent_hello: Hello) -> None:
+    orch, agent = _with_1_0_agent(agent_hello)
+    minor = agent_hello.version[1]
+    assert orch.negotiated_version == agent.negotiated_version == (1, minor)
+    assert orch.negotiated_features == agent.negotiated_features == V1_0_FEATURES
+    # Everything 1.0 has still works, COUNTS included.
+    deliver(orch, agent, Prepare(MID, "vm1", NICS))
+    deliver(agent, orch, Prepared(MID))
+    deliver(orch, agent, CaptureOn(MID))
+    deliver(agent, orch, Ack(MID, MsgType.CAPTURE_ON))
+    deliver(agent, orch, VmStarted(MID, 1))
+    deliver(orch, agent, VmStarted(MID, 2))
+    deliver(agent, orch, Counts(MID, (("captured", 2),)))
+    # No 1.1 message may go to such a peer, at any point of the migration ...
+    for msg in SWITCHOVER_MSGS:
+        assert not orch.can_send(msg)
+        with pytest.raises(LocalProtocolError, match="needs the SWITCHOVER feature") as info:
+            _with_1_0_agent(agent_hello)[0].send(msg)
+        assert info.value.error_code == ErrorCode.FEATURE_NOT_NEGOTIATED
+    # ... and one that arrives anyway is refused from its header.
+    for msg in SWITCHOVER_MSGS:
+        _, peer = _with_1_0_agent(agent_hello)
+        header = encode_message(msg)[:HEADER_SIZE]
+        text = expect_remote(peer, header, ErrorCode.FEATURE_NOT_NEGOTIATED)
+        assert f"{msg.TYPE.name} needs the SWITCHOVER feature" in text
+    summaries = (NicSummary(0, 0, bytes(32)), NicSummary(1, 0, bytes(32)))
+    deliver(agent, orch, End(MID, summaries))
+    deliver(orch, agent, Ack(MID, MsgType.END))
+    deliver(orch, agent, Bye())
+
+
+def test_a_1_0_orchestrator_and_a_1_1_agent() -> None:
+    orch, agent = Connection(Role.ORCHESTRATOR), Connection(Role.AGENT)
+    deliver(orch, agent, Hello(Role.ORCHESTRATOR, "orch-1.0", V1_0_FEATURES, (1, 0)))
+    deliver(agent, orch, agent.make_hello("agent"))
+    assert agent.negotiated_version == (1, 0) and agent.negotiated_features == V1_0_FEATURES
+    deliver(orch, agent, Prepare(MID, "vm1", NICS))
+    with pytest.raises(LocalProtocolError, match="SWITCHOVER"):
+        orch.send(Peer(MID, "h", 1, ""))
+    expect_remote(agent, encode_message(Peer(MID, "h", 1, "")), ErrorCode.FEATURE_NOT_NEGOTIATED)
+
+
+def test_a_1_0_hello_cannot_announce_switchover() -> None:
+    conn = Connection(Role.ORCHESTRATOR)
+    hello = Hello(Role.ORCHESTRATOR, "orch", SUPPORTED_FEATURES, (1, 0))
+    with pytest.raises(LocalProtocolError, match=r"a version 1\.0 HELLO cannot announce"):
+        conn.send(hello)
+    conn = Connection(Role.ORCHESTRATOR)
+    conn.send(Hello(Role.ORCHESTRATOR, "orch", V1_0_FEATURES, (1, 0)))  # a 1.0 HELLO is fine
 
 
 # --- frame records, digests, clocks ---------------------------------------------------------
@@ -934,13 +1410,14 @@ def test_docs_examples_decode_to_the_documented_events() -> None:
     expected_hello = Hello(
         role=Role.SOURCE_AGENT,
         identity="src-host",
-        features=Feature.VNET_HDR | Feature.COUNTS,
-        version=(1, 0),
+        features=Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER,
+        version=(1, 1),
         max_message_bytes=16 * 1024 * 1024,
         max_frames_per_batch=4096,
         max_frame_bytes=65535,
         max_vnet_hdr_bytes=32,
     )
+    assert Connection(Role.SOURCE_AGENT).make_hello("src-host") == expected_hello
     expected_frames = Frames(MID, 0, 0, (f1, f2))
     assert decode_message(hello) == expected_hello
     assert decode_message(frames) == expected_frames

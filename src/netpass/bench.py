@@ -108,7 +108,8 @@ def render_raw(raw_json: Path, out_md: Path, command: str) -> None:
 def _write_keeping_setup(out_md: Path, text: str) -> None:
     """Write the migration report, keeping a set-up/tear-down section measured separately and
     adding the hand-written reading of the numbers (bench-notes.md beside the report)."""
-    notes = out_md.parent / "bench-notes.md"
+    # BENCHMARKS.md -> bench-notes.md, BENCHMARKS-two-host.md -> bench-two-host-notes.md
+    notes = out_md.with_name(out_md.stem.lower().replace("benchmarks", "bench") + "-notes.md")
     if notes.exists():
         text = text.rstrip() + "\n\n" + notes.read_text()
     old = out_md.read_text() if out_md.exists() else ""
@@ -202,7 +203,9 @@ def run_bench(
     console: Console,
     postcopy_rates: list[int] | None = None,
     driver_for: Callable[[Cell], trial.Driver] | None = None,
+    agents: bool = False,
 ) -> dict[Cell, list[report.RunRecord]]:
+    """AGENTS: the lab runs an agent on each host and netpass runs through them (two hosts)."""
     if runs < 1:
         raise UsageError("--runs must be at least 1")
     modes = modes or ["stock"]
@@ -221,8 +224,9 @@ def run_bench(
         f"netpass bench --runs {runs} --postcopy-runs {pc_runs} --rates "
         f"{' '.join(map(str, rates))} --postcopy-rates {' '.join(map(str, pc_rates))} "
         + " ".join(f"--mode {m}" for m in modes)
+        + (" --agents" if agents else "")
     )
-    st = lab.up(name, progress=True)
+    st = lab.up(name, progress=True, agents=agents)
     done = 0
     try:
         for i in range(max(c.runs for c in cells)):

@@ -48,17 +48,22 @@ def sweep_host(remove_holds: bool = False) -> list[str]:
     """Remove netpass redirects and capture devices everywhere; open (or remove) holds."""
     done: list[str] = []
     for ns in _namespaces():
-        with iproute(ns) as ipr:
-            names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-        for name in names:
-            if CAPTURE_RE.match(name) and name.endswith("c0"):
-                with iproute(ns) as ipr:
-                    ipr.link("del", ifname=name)
-                done.append(f"{ns}: capture device {name}")
-        keep = [n for n in names if not CAPTURE_RE.match(n)]
-        done += [
-            f"{ns}: {line}" for line in tc.sweep(keep, keep_hold_open=not remove_holds, netns=ns)
-        ]
+        done += sweep_namespace(ns, remove_holds)
+    return done
+
+
+def sweep_namespace(ns: str, remove_holds: bool = False) -> list[str]:
+    """The same in one network namespace (a name or a /proc/PID/ns/net path)."""
+    done: list[str] = []
+    with iproute(ns) as ipr:
+        names = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+    for name in names:
+        if CAPTURE_RE.match(name) and name.endswith("c0"):
+            with iproute(ns) as ipr:
+                ipr.link("del", ifname=name)
+            done.append(f"{ns}: capture device {name}")
+    keep = [n for n in names if not CAPTURE_RE.match(n)]
+    done += [f"{ns}: {line}" for line in tc.sweep(keep, keep_hold_open=not remove_holds, netns=ns)]
     return done
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Coroutine, Sequence
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from rich.console import Console
 
 from netpass import __version__
-from netpass.errors import NetpassError
+from netpass.errors import NetpassError, UsageError
 from netpass.orchestrator import Progress, ProgressFn
 from netpass.results import MigrationTiming
 
@@ -64,7 +65,7 @@ def _progress_printer() -> ProgressFn:
 def cmd_lab_up(a: argparse.Namespace) -> int:
     from netpass import lab
 
-    st = lab.up(a.name, nics=a.nics)
+    st = lab.up(a.name, nics=a.nics, agents=a.agents)
     s = st.status()
     out_console.print(
         f"lab {st.name} up: VM {', '.join(s['vm']['ip'])} on host A ({st.accel}), "
@@ -110,6 +111,8 @@ def lab_driver(mode: str, postcopy: bool, downtime: int | None, show: ProgressFn
     from netpass.orchestrator import migrate
 
     def drive(s: dict[str, Any]) -> Coroutine[Any, Any, MigrationTiming]:
+        if mode == "netpass" and s.get("agents"):
+            return _lab_two_hosts(s, postcopy, downtime, show)
         return migrate(
             s["source"]["qmp"],
             s["destination"]["qmp"],
@@ -121,6 +124,34 @@ def lab_driver(mode: str, postcopy: bool, downtime: int | None, show: ProgressFn
         )
 
     return drive
+
+
+def _lab_two_hosts(
+    s: dict[str, Any], postcopy: bool, downtime: int | None, show: ProgressFn | None
+) -> Coroutine[Any, Any, MigrationTiming]:
+    """The lab's agents do each host's half; netpass talks to them from the client namespace."""
+    from netpass.agent.tls import client_context
+    from netpass.twohost import AgentAddress, migrate_two_hosts
+
+    def addr(host: str) -> AgentAddress:
+        a = s["agents"][host]
+        return dataclasses.replace(AgentAddress.parse(a["address"]), netns=a["reach_from"])
+
+    pki = Path(s["pki"])
+    tls = client_context(
+        pki / "client.crt", pki / "client.key", pki / "ca.crt", check_hostname=False
+    )
+    return migrate_two_hosts(
+        s["source"]["qmp"],
+        s["destination"]["qmp"],
+        s["migration_uri"],
+        addr(s["source"]["host"]),
+        addr(s["destination"]["host"]),
+        tls,
+        postcopy=postcopy,
+        downtime_ms=downtime,
+        progress=show,
+    )
 
 
 def driver_for_cell(cell: Cell) -> Driver:
@@ -149,7 +180,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    lab.up(a.name)
+    lab.up(a.name, agents=True)  # two hosts: netpass runs through the agents of A and B
     try:
         runs = [lab_trial(a.name, mode, False, a.rate, None) for mode in ("stock", "netpass")]
     finally:
@@ -178,7 +209,26 @@ def cmd_bench(a: argparse.Namespace) -> int:
         raw_json=Path(a.raw) if a.raw else None,
         console=out_console,
         postcopy_rates=a.postcopy_rates,
+        agents=a.agents,
     )
+    return 0
+
+
+def _tls_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--tls-cert", required=required, metavar="PEM", help="this side's certificate")
+    p.add_argument("--tls-key", required=required, metavar="PEM", help="its private key")
+    p.add_argument("--tls-ca", required=required, metavar="PEM", help="CA that signs the peers")
+
+
+def cmd_agent(a: argparse.Namespace) -> int:
+    from netpass.agent.daemon import AgentOptions, parse_listen, serve
+    from netpass.sysutil import require_root
+
+    require_root()
+    host, port = parse_listen(a.listen)
+    opts = AgentOptions(host, port, a.tls_cert, a.tls_key, a.tls_ca, a.metrics_port,
+                        a.frame_budget, watchdog=not a.no_watchdog)  # fmt: skip
+    asyncio.run(serve(opts))
     return 0
 
 
@@ -192,7 +242,9 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         max_bandwidth=a.max_bandwidth,
         progress=_progress_printer(),
     )
-    if a.no_netpass:
+    if a.src_agent or a.dst_agent:
+        timing = _migrate_with_agents(a, kw)
+    elif a.no_netpass:
         timing = asyncio.run(migrate_stock(a.src_qmp, a.dst_qmp, a.uri, **kw))
     else:
         kw["pause_before_switchover"] = a.pause_before_switchover
@@ -205,6 +257,21 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     if error:
         err_console.print(f"netpass: data path failed, frames counted lost: {error}", markup=False)
     return 0
+
+
+def _migrate_with_agents(a: argparse.Namespace, kw: dict[str, Any]) -> MigrationTiming:
+    from netpass.agent.tls import client_context
+    from netpass.twohost import AgentAddress, migrate_two_hosts
+
+    if not (a.src_agent and a.dst_agent):
+        raise UsageError("--src-agent and --dst-agent go together")
+    if not (a.tls_cert and a.tls_key and a.tls_ca):
+        raise UsageError("agents need --tls-cert, --tls-key and --tls-ca")
+    src, dst = AgentAddress.parse(a.src_agent), AgentAddress.parse(a.dst_agent)
+    tls = client_context(a.tls_cert, a.tls_key, a.tls_ca, check_hostname=False)
+    return asyncio.run(
+        migrate_two_hosts(a.src_qmp, a.dst_qmp, a.uri, src, dst, tls, netpass=a.netpass, **kw)
+    )
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
@@ -245,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = labsub.add_parser("up", help="create namespaces, boot the VM on host A")
     up.add_argument("--name", **name_kw)  # type: ignore[arg-type]
     up.add_argument("--nics", type=int, default=1, help="NICs per VM (1-4)")
+    up.add_argument(
+        "--agents", action="store_true", help="run a netpass agent on each host (two-host mode)"
+    )
     up.set_defaults(func=cmd_lab_up)
     down = labsub.add_parser("down", help="remove everything the lab created")
     down.add_argument("--name", **name_kw)  # type: ignore[arg-type]
@@ -291,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--command-text", default="netpass bench", help=argparse.SUPPRESS)
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
+    bench.add_argument(
+        "--agents", action="store_true", help="netpass through per-host agents (two hosts)"
+    )
     bench.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("migrate", help="migrate a VM with the netpass switchover")
@@ -307,7 +380,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="let QEMU wait in pre-switchover for netpass (adds a QMP round trip)",
     )
     m.add_argument("--json", metavar="FILE", help="write the timing and counters as JSON")
+    m.add_argument("--src-agent", metavar="HOST:PORT", help="the source host's netpass agent")
+    m.add_argument("--dst-agent", metavar="HOST:PORT", help="the destination host's agent")
+    m.add_argument(
+        "--netpass",
+        choices=["required", "preferred", "off"],
+        default="required",
+        help="with agents: refuse, or migrate stock, when they cannot do netpass",
+    )
+    _tls_args(m, required=False)
     m.set_defaults(func=cmd_migrate)
+
+    ag = sub.add_parser("agent", help="run this host's netpass agent (mutual TLS)")
+    ag.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="control channel on PORT, frame channel on PORT + 1",
+    )
+    _tls_args(ag, required=True)
+    ag.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port")
+    ag.add_argument(
+        "--frame-budget",
+        type=int,
+        default=256 << 20,
+        metavar="BYTES",
+        help="rescued frames one migration may buffer (default 256 MiB)",
+    )
+    ag.add_argument("--no-watchdog", action="store_true", help=argparse.SUPPRESS)
+    ag.set_defaults(func=cmd_agent)
 
     c = sub.add_parser("cleanup", help="undo what a killed netpass left on this host")
     c.add_argument(

@@ -76,9 +76,12 @@ def _mac(s: str) -> bytes:
     return bytes.fromhex(s.replace(":", ""))
 
 
-async def discover(q: Qmp, taps: dict[str, str] | None = None) -> VmInfo:
-    """NICs of the VM behind Q with their taps; `taps` (MAC -> tap) overrides discovery."""
-    pid = q.peer_pid()
+async def discover(q: Qmp, taps: dict[str, str] | None = None, *, local: bool = True) -> VmInfo:
+    """NICs of the VM behind Q with their taps; `taps` (MAC -> tap) overrides discovery.
+
+    LOCAL=False: QEMU runs on another host (its agent finds the tap descriptors there), so
+    pid, netns and tap_fds are left empty."""
+    pid = q.peer_pid() if local else 0
     text = str(await q.cmd("human-monitor-command", **{"command-line": "info network"}))
     filters = {f["name"]: f for f in await q.cmd("query-rx-filter")}
     paths = {d["path"].split("/")[-2]: d["path"] for d in await q.cmd("x-query-virtio")}
@@ -98,19 +101,18 @@ async def discover(q: Qmp, taps: dict[str, str] | None = None) -> VmInfo:
         tap = (taps or {}).get(mac) or nd.group(3)
         if not tap:
             raise UsageError(f"{q.side} NIC {nic_id}: tap name unknown (pass it with --tap)")
-        fds = tapfd.find_tap_fds(pid, tap)
+        fds = tapfd.find_tap_fds(pid, tap) if local else [0]
         if not fds:
             raise UsageError(f"{q.side} tap {tap} of NIC {nic_id} not found in QEMU pid {pid}")
         if len(fds) > 1:
             raise UsageError(f"{q.side} tap {tap} is multiqueue: netpass supports one queue")
         if nic_id not in paths or nic_id not in filters:
             raise UsageError(f"{q.side} NIC {nic_id}: QEMU lacks x-query-virtio for it")
-        nics.append(
-            NicInfo(nic_id, mac, tap, paths[nic_id], [0], RxFilter.from_qmp(filters[nic_id]), fds)
-        )
+        rxf = RxFilter.from_qmp(filters[nic_id])
+        nics.append(NicInfo(nic_id, mac, tap, paths[nic_id], [0], rxf, fds if local else []))
     if not nics:
         raise UsageError(f"{q.side} VM has no NIC")
-    return VmInfo(pid, f"/proc/{pid}/ns/net", nics)
+    return VmInfo(pid, f"/proc/{pid}/ns/net" if local else "", nics)
 
 
 async def used_idx(q: Qmp, nic: NicInfo) -> int:

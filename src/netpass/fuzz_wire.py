@@ -6,9 +6,10 @@ raise RemoteProtocolError (never another exception), and never hold more than
 
 Inputs are valid sessions, recorded by letting two deterministic :class:`Responder` policies
 talk to each other, then mutated (bit flips, header-aware length and type corruption, splices,
-truncation, floods) and fed to a fresh receiver in random chunks. The receiver runs the same
-policy as when the session was recorded, so an unmutated input replays exactly and must be
-accepted whole: that guards against a fuzzer that only ever exercises the error paths.
+truncation, floods, protocol 1.1 messages dropped in, valid or not) and fed to a fresh
+receiver in random chunks. The receiver runs the same policy as when the session was
+recorded, so an unmutated input replays exactly and must be accepted whole: that guards
+against a fuzzer that only ever exercises the error paths.
 
 ``run_fuzz(cases)`` is a seeded, dependency-free mutator for the benchmark.
 ``python -m netpass.fuzz_wire --atheris [libFuzzer flags]`` runs the same target under
@@ -24,13 +25,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Final, TypedDict
 from uuid import UUID
 
 from netpass.wire import (
     HEADER_SIZE,
+    MAGIC,
     NEED_DATA,
     PAUSED,
+    SUPPORTED_FEATURES,
     Abort,
     Ack,
     Bye,
@@ -45,11 +49,15 @@ from netpass.wire import (
     Frames,
     GiveBack,
     Hello,
+    Hold,
     Limits,
     Message,
     MsgType,
+    NicFilter,
+    NicFilterFlag,
     NicSpec,
     NicSummary,
+    Peer,
     Ping,
     Pong,
     Prepare,
@@ -57,16 +65,21 @@ from netpass.wire import (
     RemoteProtocolError,
     Role,
     State,
+    UsedIdx,
+    UsedPhase,
     VmStarted,
+    encode_message,
 )
 
-SCENARIOS: Final = ("complete", "two_migrations", "abort", "refuse", "give_back", "plain")
+# "plain" negotiates no feature; in "v1_0" the leader speaks version 1.0 (no SWITCHOVER).
+SCENARIOS: Final = ("complete", "two_migrations", "abort", "refuse", "give_back", "plain", "v1_0")
 _MIDS: Final = (
     UUID("6e657470-6173-4d00-8000-000000000001"),
     UUID("6e657470-6173-4d00-8000-000000000002"),
 )
 _MAC0: Final = bytes.fromhex("525400123456")
 _MAC1: Final = bytes.fromhex("525400654321")
+_MCAST: Final = (bytes.fromhex("01005e000001"), bytes.fromhex("333300000001"), b"\xff" * 6)
 TIGHT_LIMITS: Final = Limits(
     max_message_bytes=32 * 1024,
     max_frames_per_batch=16,
@@ -88,8 +101,10 @@ class Responder:
 
     Two responders of paired roles and the same scenario run a whole session: HELLO,
     PREPARE, CAPTURE_ON, FRAMES, VM_STARTED, END (or ABORT / GIVE_BACK), COUNTS, PING/PONG
-    and BYE. Every send is guarded by ``can_send``, so a confused (fuzzed) session never makes
-    the policy itself break the protocol.
+    and BYE; on the control channel also NIC_FILTER, PEER, USED_IDX and HOLD when
+    SWITCHOVER is negotiated (in "give_back" the orchestrator reports RESUMED and aborts, as
+    after a failed migration). Every send is guarded by ``can_send``, so a confused (fuzzed)
+    session never makes the policy itself break the protocol.
     """
 
     def __init__(self, conn: Connection, scenario: str = "complete") -> None:
@@ -104,8 +119,14 @@ class Responder:
         self._frames_seen: set[UUID] = set()  # migrations whose first FRAMES arrived
 
     def start(self) -> list[bytes]:
-        features = Feature.NONE if self.scenario == "plain" else Feature.VNET_HDR | Feature.COUNTS
-        self._send(self.conn.make_hello(f"{self.conn.our_role.name.lower()}-host", features))
+        conn = self.conn
+        hello = conn.make_hello(
+            f"{conn.our_role.name.lower()}-host",
+            Feature.NONE if self.scenario == "plain" else SUPPORTED_FEATURES,
+        )
+        if self.scenario == "v1_0" and conn.our_role.leads:
+            hello = replace(hello, version=(1, 0), features=Feature.VNET_HDR | Feature.COUNTS)
+        self._send(hello)
         return self._flush()
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -164,7 +185,7 @@ class Responder:
                     self._frames(0, 0, 3)
                     self._frames(1, 0, 2)
                     self._counts(ev.migration_id)
-                elif role is Role.ORCHESTRATOR:
+                elif role is Role.ORCHESTRATOR and self._switchover(ev.migration_id):
                     self._send(VmStarted(ev.migration_id, 1_700_000_000_000_000_001))
             case Frames():
                 if mid is not None and mid not in self._frames_seen:
@@ -192,10 +213,35 @@ class Responder:
         if self._started >= self._migrations:
             return
         nics = (NicSpec(0, "tap0", _MAC0, 1), NicSpec(1, "tap1", _MAC1, 4))
-        msg = Prepare(_MIDS[self._started], "vm-fuzz", nics)
+        mid = _MIDS[self._started]
+        msg = Prepare(mid, "vm-fuzz", nics)
         if self.conn.can_send(msg):
             self._started += 1
             self._out.append(self.conn.send(msg))
+            if self._orchestrating():
+                # The source host's half: the guest's receive filters and the destination agent.
+                self._send(NicFilter(mid, 0, NicFilterFlag(0), _MCAST[:2], ()))
+                self._send(NicFilter(mid, 1, NicFilterFlag.ALL_MULTICAST, _MCAST, (_MAC0,)))
+                self._send(Peer(mid, "dest-host", 7440, "dest-agent"))
+
+    def _orchestrating(self) -> bool:
+        return self.conn.our_role is Role.ORCHESTRATOR and Feature.SWITCHOVER in self._features()
+
+    def _switchover(self, mid: UUID) -> bool:
+        """The orchestrator relays what QMP said; False if the migration failed (give_back)."""
+        if not self._orchestrating():
+            return True
+        self._send(UsedIdx(mid, UsedPhase.BASELINE, ((0, 100), (1, 65530))))
+        self._send(UsedIdx(mid, UsedPhase.OBSERVE, ((0, 140), (1, 2))))
+        if self.scenario == "give_back":
+            self._send(UsedIdx(mid, UsedPhase.RESUMED, ()))
+            self._send(Abort(mid, "migration failed; the source VM runs again"))
+            return False
+        self._send(UsedIdx(mid, UsedPhase.OBSERVE, ((1, 9),)))
+        self._send(UsedIdx(mid, UsedPhase.STOPPED, ()))
+        self._send(Hold(mid))
+        self._send(UsedIdx(mid, UsedPhase.FINAL, ((1, 12), (0, 150))))
+        return True
 
     def _maybe_next(self) -> None:
         # Once the migration is closed on our side, start the next one or say goodbye.
@@ -302,7 +348,7 @@ def _m_header_field(buf: bytearray, rng: random.Random, corpus: Sequence[bytes])
     if field == 0:
         buf[at + 4] = rng.choice((0, 2, 0xFF))
     elif field == 1:
-        buf[at + 5] = rng.choice((0, 0x10, 0xFF, *range(1, 16)))
+        buf[at + 5] = rng.choice((0, 0x14, 0xFF, *range(1, 0x14)))
     elif field == 2:
         buf[at + 6 : at + 8] = rng.choice((1, 0x8000, 0xFFFF)).to_bytes(2, "big")
     else:
@@ -369,6 +415,65 @@ def _m_flood(buf: bytearray, rng: random.Random, corpus: Sequence[bytes]) -> Non
         buf += header + bytes(size)
 
 
+def _raw(t: int, body: bytes) -> bytes:
+    return MAGIC + bytes((1, t)) + b"\x00\x00" + len(body).to_bytes(4, "big") + body
+
+
+def _injectable() -> tuple[bytes, ...]:
+    # Whole messages of protocol 1.1, valid and not, to drop in at message boundaries: each
+    # field at its edges, messages for NICs or migrations that do not exist, and bodies that
+    # only a hand-made encoder would produce.
+    out: list[bytes] = []
+    for mid in _MIDS:
+        good: list[Message] = [
+            NicFilter(mid, 0, NicFilterFlag(7), _MCAST, (_MAC0, _MAC1)),
+            NicFilter(mid, 1, NicFilterFlag(0)),
+            NicFilter(mid, 9, NicFilterFlag.PROMISCUOUS),
+            NicFilter(mid, 0, NicFilterFlag(0), (b"\x01" * 6,) * 256, (_MAC0,) * 256),
+            Peer(mid, "h" * 255, 65535, "n" * 255),
+            Peer(mid, "192.0.2.1", 1, ""),
+            UsedIdx(mid, UsedPhase.OBSERVE, ((1, 7),)),
+            UsedIdx(mid, UsedPhase.BASELINE, ((0, 1),)),  # not every NIC
+            UsedIdx(mid, UsedPhase.OBSERVE, ((5, 1),)),  # not prepared
+            UsedIdx(mid, UsedPhase.STOPPED, tuple((i, i) for i in range(64))),
+            Hold(mid),
+        ]
+        good += [UsedIdx(mid, p, ((0, 0), (1, 0xFFFF))) for p in UsedPhase]
+        out += [encode_message(m) for m in good]
+        m = mid.bytes
+        out += [
+            _raw(MsgType.NIC_FILTER, m + b"\x00\x00\x08\x00\x00\x00\x00"),  # flags 8
+            _raw(MsgType.NIC_FILTER, m + b"\x00\x00\x00\x01\x01" + _MAC0 + b"\x00\x00"),
+            _raw(MsgType.NIC_FILTER, m + b"\x00\x00\x00\x00\x00\x00\x01" + _MCAST[0]),
+            _raw(MsgType.NIC_FILTER, m + b"\x00\x00\x00\x01\x01" + _MCAST[0] * 257 + bytes(2)),
+            _raw(MsgType.PEER, m + b"\x00\x01h\x00\x00\x00\x00"),  # port 0
+            _raw(MsgType.PEER, m + b"\x00\x00\x1e\x61\x00\x00"),  # empty host
+            _raw(MsgType.PEER, m + b"\x00\x01\xff\x1e\x61\x00\x00"),  # not UTF-8
+            _raw(MsgType.PEER, m + b"\x00\x01\n\x1e\x61\x00\x00"),  # not printable
+            _raw(MsgType.USED_IDX, m + b"\x00\x00\x00"),  # phase 0
+            _raw(MsgType.USED_IDX, m + b"\x06\x00\x00"),  # phase 6
+            _raw(MsgType.USED_IDX, m + b"\x02\x00\x02" + bytes(8)),  # nic 0 twice
+            _raw(MsgType.USED_IDX, m + b"\x02\x00\x41" + bytes(4 * 65)),  # 65 entries
+            _raw(MsgType.HOLD, m + b"\x00"),
+        ]
+    return tuple(out)
+
+
+_INJECTABLE: Final = _injectable()
+
+
+def _m_inject(buf: bytearray, rng: random.Random, corpus: Sequence[bytes]) -> None:
+    # Insert a 1.1 message (valid or not) at a message boundary, or overwrite one with it.
+    offsets = message_offsets(bytes(buf)) or [0]
+    i = rng.randrange(len(offsets))
+    at = offsets[i]
+    msg = rng.choice(_INJECTABLE)
+    if rng.random() < 0.3 and i + 1 < len(offsets):
+        buf[at : offsets[i + 1]] = msg
+    else:
+        buf[at:at] = msg
+
+
 def _m_garbage(buf: bytearray, rng: random.Random, corpus: Sequence[bytes]) -> None:
     buf[:] = rng.randbytes(rng.randint(0, 64))
     if rng.random() < 0.5:
@@ -378,7 +483,7 @@ def _m_garbage(buf: bytearray, rng: random.Random, corpus: Sequence[bytes]) -> N
 _MUTATORS: Final[Sequence[Callable[[bytearray, random.Random, Sequence[bytes]], None]]] = (
     _m_bitflip, _m_bitflip, _m_byte, _m_u32, _m_header_field, _m_header_field,
     _m_body_length_prefix, _m_body_length_prefix, _m_insert, _m_delete, _m_duplicate,
-    _m_duplicate, _m_truncate, _m_splice, _m_flood, _m_garbage,
+    _m_duplicate, _m_truncate, _m_splice, _m_flood, _m_garbage, _m_inject, _m_inject,
 )  # fmt: skip
 
 

@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ CLIENT_HOST = 1
 VM_HOST = 100
 HOST_ADDR = {"a": 11, "b": 12}
 MIGRATION_PORT = 4444
+AGENT_PORT = 7400  # control channel; frames on AGENT_PORT + 1
 NAME_RE = re.compile(r"^np[a-z0-9]{1,8}$")
 
 
@@ -70,6 +73,7 @@ class LabState:
     vm_host: str  # host whose QEMU currently runs the VM
     next_idx: int = 0
     instances: list[Instance] = field(default_factory=list)
+    agents: dict[str, int] = field(default_factory=dict)  # host -> agent pid
 
     # Derived names -------------------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -162,6 +166,16 @@ class LabState:
             "source": inst(src),
             "destination": inst(dst),
             "migration_uri": self.migration_uri(other),
+            "agents": {
+                h: {
+                    "address": f"{self.host_ip(h)}:{AGENT_PORT}",
+                    "pid": pid,
+                    "alive": vm.alive(pid),
+                    "reach_from": self.client_ns,
+                }
+                for h, pid in self.agents.items()
+            },
+            "pki": str(self.run_dir / "pki") if self.agents else None,
         }
 
 
@@ -338,7 +352,9 @@ def flush_learning(st: LabState) -> None:
     run(["ip", "neigh", "flush", "dev", "eth0"], netns=st.client_ns)
 
 
-def up(name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True) -> LabState:
+def up(
+    name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True, agents: bool = False
+) -> LabState:
     require_root()
     check_name(name)
     if not 1 <= nics <= 4:
@@ -366,6 +382,8 @@ def up(name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True) -> LabSta
                 print(f"netpass: booting the VM in {st.host_ns('a')} ({st.accel})", flush=True)
             start_instance(st, "a", incoming=False, paused=False)
             start_instance(st, "b", incoming=True, paused=False)
+            if agents:
+                start_agents(st)
             settle()
         except (NetpassError, OSError) as e:
             _teardown(name)
@@ -405,6 +423,37 @@ def fresh_vm(st: LabState, paused_incoming: bool = False) -> None:
     start_instance(st, "a", incoming=False, paused=False)
     start_instance(st, "b", incoming=True, paused=paused_incoming)
     settle()
+
+
+def start_agents(st: LabState, hosts: str = "ab") -> None:
+    """A netpass agent in each host namespace, listening on the lab network (mutual TLS with
+    a lab CA in the run directory); the orchestrator reaches them from the client namespace."""
+    from netpass.agent.daemon import READY_LINE
+    from netpass.agent.tls import TestPki, make_test_pki
+
+    pki_dir = st.run_dir / "pki"
+    if (pki_dir / "ca.crt").exists():
+        pki = TestPki.at(pki_dir)
+    else:
+        pki = make_test_pki(pki_dir, server_names=(st.host_ip("a"), st.host_ip("b"), "localhost"))
+    for h in hosts:
+        log = st.run_dir / f"agent-{h}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", st.host_ns(h), sys.executable, "-c",
+                 "from netpass.cli import main; raise SystemExit(main())", "agent",
+                 "--listen", f"{st.host_ip(h)}:{AGENT_PORT}", "--tls-cert", str(pki.server_cert),
+                 "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca_cert)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        st.agents[h] = proc.pid
+        st.save()
+        deadline = time.monotonic() + 20
+        while READY_LINE not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"agent on host {h} did not start: {log.read_text()[-500:]}")
+            time.sleep(0.05)
 
 
 def settle() -> None:

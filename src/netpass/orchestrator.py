@@ -18,7 +18,7 @@ from netpass.discovery import discover, qemu_has_flag, used_idx
 from netpass.errors import DatapathError, HostError, MigrationError, UsageError
 from netpass.qmp import Event, Qmp, is_event
 from netpass.results import MigrationTiming
-from netpass.switchover import DestNic, SourceNic
+from netpass.switchover import QUIET_S, RESCUE_DEADLINE_S, DestNic, SourceNic
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -208,6 +208,14 @@ async def _stock_timeline(
             raise MigrationError(f"migration {end.data['status']}")
         timing.completed_ns = end.t_ns
         phase[0] = "completed"
+        first = await dst.wait_event(
+            lambda e: e.name == "RESUME" or is_event("MIGRATION", status="completed")(e),
+            60,
+            what="destination RESUME",
+        )
+        if first.name != "RESUME":
+            # Started with -S (e.g. netpass fell back to stock): QEMU waits for a `cont`.
+            await dst.cmd("cont")
         resume = await dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
         await _dst_completed(dst)
     finally:
@@ -259,9 +267,51 @@ async def migrate(
     return await migrate_stock(src_qmp, dst_qmp, uri, **kw)
 
 
+def src_failed(e: Event) -> bool:
+    return e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
+
+
+async def dst_loaded(src: Qmp, dst: Qmp, postcopy: bool, timeout: float) -> bool:
+    """True once the destination holds the loaded VM, paused (-S); False if the migration
+    failed (a failed incoming QEMU exits, so the source reports 'failed')."""
+    failed = asyncio.create_task(src.wait_event(src_failed, timeout))
+    loaded = asyncio.create_task(
+        _dst_postcopy_paused(dst) if postcopy else _dst_precopy_done(dst, timeout)
+    )
+    try:
+        done, _ = await asyncio.wait(
+            {failed, loaded}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for t in (failed, loaded):
+            t.cancel()
+        await asyncio.gather(failed, loaded, return_exceptions=True)
+    if failed in done and not failed.cancelled() and failed.exception() is None:
+        return False
+    if loaded in done and loaded.exception() is None:
+        return True
+    if failed in done or loaded in done:
+        # The destination's QMP went away: a failed incoming QEMU exits; the source says why.
+        with contextlib.suppress(MigrationError):
+            await src.wait_event(src_failed, 10)
+            return False
+    raise MigrationError("destination did not finish loading the VM")
+
+
+async def _dst_precopy_done(dst: Qmp, timeout: float) -> None:
+    # The incoming side reports 'completed' once the VM is loaded and paused (-S); waiting on
+    # the event (not polling) keeps `cont` one QMP round trip behind it.
+    await dst.wait_event(is_event("MIGRATION", status="completed"), timeout, what="destination")
+
+
+async def _dst_postcopy_paused(dst: Qmp) -> None:
+    # Postcopy: 'completed' only comes once every page is there; the VM is loaded (and paused,
+    # -S) long before, and QEMU announces that with no event: poll.
+    while await _status(dst) != "paused":
+        await asyncio.sleep(0.0005)
+
+
 # --- netpass mode ------------------------------------------------------------------------------
-QUIET_S = 0.005  # the source tap has been quiet this long: the switch now points at the dest
-RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME
 
 
 @dataclass
@@ -497,47 +547,8 @@ class NetpassTimeline:
         except DatapathError as e:
             self._fail_datapath(e)
 
-    def _src_failed(self, e: Event) -> bool:
-        return e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
-
     async def _dst_loaded(self) -> bool:
-        """True once the destination holds the loaded VM, paused; False if the migration
-        failed (a failed incoming QEMU exits, so the source reports 'failed')."""
-        failed = asyncio.create_task(self.src.wait_event(self._src_failed, self.timeout))
-        loaded = asyncio.create_task(
-            self._dst_postcopy_paused() if self.postcopy else self._dst_precopy_done()
-        )
-        try:
-            done, _ = await asyncio.wait(
-                {failed, loaded}, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for t in (failed, loaded):
-                t.cancel()
-            await asyncio.gather(failed, loaded, return_exceptions=True)
-        if failed in done and not failed.cancelled() and failed.exception() is None:
-            return False
-        if loaded in done and loaded.exception() is None:
-            return True
-        if failed in done or loaded in done:
-            # The destination's QMP went away: a failed incoming QEMU exits; the source says why.
-            with contextlib.suppress(MigrationError):
-                await self.src.wait_event(self._src_failed, 10)
-                return False
-        raise MigrationError("destination did not finish loading the VM")
-
-    async def _dst_precopy_done(self) -> None:
-        # The incoming side reports 'completed' once the VM is loaded and paused (-S); waiting
-        # on the event (not polling) keeps `cont` one QMP round trip behind it.
-        await self.dst.wait_event(
-            is_event("MIGRATION", status="completed"), self.timeout, what="destination"
-        )
-
-    async def _dst_postcopy_paused(self) -> None:
-        # Postcopy: 'completed' only comes once every page is there; the VM is loaded (and
-        # paused, -S) long before, and QEMU announces that with no event: poll.
-        while await _status(self.dst) != "paused":
-            await asyncio.sleep(0.0005)
+        return await dst_loaded(self.src, self.dst, self.postcopy, self.timeout)
 
     # 4. Destination: rescued frames first (bypass skips the closed hold), then the hold opens.
     async def _deliver(self) -> None:

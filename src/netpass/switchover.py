@@ -37,6 +37,8 @@ BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
 CATCHUP_BURST = 32
 CATCHUP_MIN_PER_MS = 6.0
 CATCHUP_FACTOR = 1.2
+QUIET_S = 0.005  # the source tap has been quiet this long: the switch now points at the dest
+RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME
 RELEASE_MAX_S = 10.0  # a paced release that has not drained by then opens fully
 # The relay wakes at most once per BATCH_S and moves everything queued: per-frame wake-ups (of
 # netpass and, through the tap, of QEMU) cost 30% of a core at 10k pps, batches of 2 ms 8%.

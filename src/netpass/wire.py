@@ -8,7 +8,9 @@ asyncio, threads and the fuzzer.
 
 Two channels share one message set and one state machine:
 
-* control: ORCHESTRATOR (leads) <-> AGENT (follows), one connection per host;
+* control: ORCHESTRATOR (leads) <-> AGENT (follows), one connection per host; since version
+  1.1 (feature SWITCHOVER) the orchestrator also tells the agents what QMP said (NIC_FILTER,
+  PEER, USED_IDX, HOLD);
 * frames:  SOURCE_AGENT (leads) <-> DEST_AGENT (follows), carrying the captured frames.
 
 docs/protocol.md is the normative description; tests decode its hex examples.
@@ -56,12 +58,16 @@ __all__ = [
     "Frames",
     "GiveBack",
     "Hello",
+    "Hold",
     "Limits",
     "LocalProtocolError",
     "Message",
     "MsgType",
+    "NicFilter",
+    "NicFilterFlag",
     "NicSpec",
     "NicSummary",
+    "Peer",
     "Ping",
     "Pong",
     "Prepare",
@@ -71,6 +77,8 @@ __all__ = [
     "Role",
     "Sentinel",
     "State",
+    "UsedIdx",
+    "UsedPhase",
     "VmStarted",
     "clock_offset",
     "decode_frame_records",
@@ -79,7 +87,7 @@ __all__ = [
     "encode_message",
 ]
 
-PROTOCOL_VERSION: Final[tuple[int, int]] = (1, 0)
+PROTOCOL_VERSION: Final[tuple[int, int]] = (1, 1)
 MAGIC: Final = b"NPAS"
 _HEADER: Final = struct.Struct(">4sBBHI")  # magic, major version, type, flags, body length
 HEADER_SIZE: Final = _HEADER.size
@@ -101,6 +109,10 @@ MAX_TAP_BYTES: Final = 15  # IFNAMSIZ - 1
 MAX_COUNTER_NAME_BYTES: Final = 64
 MAX_TEXT_BYTES: Final = 1024  # ABORT/GIVE_BACK reasons and ERROR messages
 MAX_PENDING_PINGS: Final = 16
+MAX_FILTER_MACS: Final = 256  # each NIC_FILTER MAC list
+MAX_HOST_BYTES: Final = 255  # PEER host
+MAX_SERVER_NAME_BYTES: Final = 255  # PEER server_name
+MAX_USED_ENTRIES: Final = MAX_NICS  # USED_IDX entries
 MIN_MESSAGE_LIMIT: Final = 32 * 1024  # every control message fits; see _BODY_BOUNDS
 _FRAMES_FIXED: Final = 30  # migration id, nic id, first index, frame count
 _COUNTER_NAME_CHARS: Final = frozenset(
@@ -202,9 +214,26 @@ class Feature(enum.IntFlag):
     NONE = 0
     VNET_HDR = 1 << 0  # frame records may carry a virtio-net header
     COUNTS = 1 << 1  # COUNTS messages may be sent
+    SWITCHOVER = 1 << 2  # NIC_FILTER, PEER, USED_IDX and HOLD may be sent (version 1.1)
 
 
-SUPPORTED_FEATURES: Final = Feature.VNET_HDR | Feature.COUNTS
+SUPPORTED_FEATURES: Final = Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER
+# The minor version that defined each feature: to a side of an older minor version the bit is
+# unknown, so it cannot announce it and a peer's announcement of it does not count.
+_FEATURE_SINCE: Final[Mapping[Feature, int]] = {
+    Feature.VNET_HDR: 0,
+    Feature.COUNTS: 0,
+    Feature.SWITCHOVER: 1,
+}
+
+
+def _features_of(minor: int) -> Feature:
+    """The features a side speaking version 1.``minor`` can implement."""
+    out = Feature.NONE
+    for feature, since in _FEATURE_SINCE.items():
+        if since <= minor:
+            out |= feature
+    return out
 
 
 class MsgType(enum.IntEnum):
@@ -223,6 +252,34 @@ class MsgType(enum.IntEnum):
     PONG = 0x0D
     ERROR = 0x0E
     BYE = 0x0F
+    # Version 1.1, control channel, need SWITCHOVER.
+    NIC_FILTER = 0x10
+    PEER = 0x11
+    USED_IDX = 0x12
+    HOLD = 0x13
+
+
+class NicFilterFlag(enum.IntFlag):
+    """NIC_FILTER flags: the guest's receive filter modes (QEMU query-rx-filter)."""
+
+    PROMISCUOUS = 1
+    ALL_MULTICAST = 2
+    ALL_UNICAST = 4
+
+
+_NIC_FILTER_FLAGS: Final = int(
+    NicFilterFlag.PROMISCUOUS | NicFilterFlag.ALL_MULTICAST | NicFilterFlag.ALL_UNICAST
+)
+
+
+class UsedPhase(enum.IntEnum):
+    """What a USED_IDX reading is: phases only move forward within a migration."""
+
+    BASELINE = 1  # read with nothing in flight: start relaying
+    OBSERVE = 2  # a periodic reading, so the u16 counter can be unwrapped
+    STOPPED = 3  # QEMU stopped the VM: stop relaying now
+    FINAL = 4  # the used-idx at the stop: account, drain, stream the owed frames
+    RESUMED = 5  # the migration failed and the source VM runs again: give the frames back
 
 
 class State(enum.Enum):
@@ -492,6 +549,58 @@ class Bye(Message):
     TYPE: ClassVar[MsgType] = MsgType.BYE
 
 
+# Version 1.1: the orchestrator tells each host's agent what QMP said (needs SWITCHOVER).
+
+
+@dataclass(frozen=True, slots=True)
+class NicFilter(Message):
+    """The guest's receive filter for one prepared NIC, for the source agent's relay."""
+
+    TYPE: ClassVar[MsgType] = MsgType.NIC_FILTER
+    migration_id: UUID
+    nic_id: int
+    flags: NicFilterFlag
+    multicast: tuple[bytes, ...] = ()  # 6-byte MACs with the multicast bit set
+    unicast: tuple[bytes, ...] = ()  # 6-byte MACs without it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "multicast", tuple(self.multicast))
+        object.__setattr__(self, "unicast", tuple(self.unicast))
+
+
+@dataclass(frozen=True, slots=True)
+class Peer(Message):
+    """Where the source agent finds the destination agent for the frame channel."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PEER
+    migration_id: UUID
+    host: str  # host name or address to connect to
+    port: int
+    server_name: str  # the name its TLS certificate must carry ("" means host)
+
+
+@dataclass(frozen=True, slots=True)
+class UsedIdx(Message):
+    """Virtio rx used-ring indices read from QEMU: (nic_id, used_idx) pairs."""
+
+    TYPE: ClassVar[MsgType] = MsgType.USED_IDX
+    migration_id: UUID
+    phase: UsedPhase
+    entries: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        items = self.entries.items() if isinstance(self.entries, Mapping) else self.entries
+        object.__setattr__(self, "entries", tuple(items))
+
+
+@dataclass(frozen=True, slots=True)
+class Hold(Message):
+    """The VM stopped: the destination agent closes its hold and flushes it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.HOLD
+    migration_id: UUID
+
+
 _MIGRATION_TYPES: Final = frozenset(
     {
         MsgType.PREPARE,
@@ -503,8 +612,18 @@ _MIGRATION_TYPES: Final = frozenset(
         MsgType.END,
         MsgType.ABORT,
         MsgType.GIVE_BACK,
+        MsgType.NIC_FILTER,
+        MsgType.PEER,
+        MsgType.USED_IDX,
+        MsgType.HOLD,
     }
 )
+# Messages that need the SWITCHOVER feature.
+_SWITCHOVER_TYPES: Final = frozenset(
+    {MsgType.NIC_FILTER, MsgType.PEER, MsgType.USED_IDX, MsgType.HOLD}
+)
+# Migration messages a side may send more than once per migration (each with rules of its own).
+_REPEATABLE: Final = frozenset({MsgType.FRAMES, MsgType.NIC_FILTER, MsgType.USED_IDX})
 # Which roles may send each migration message at all; state rules come on top.
 _SENDERS: Final[Mapping[MsgType, frozenset[Role]]] = {
     MsgType.PREPARE: _LEADERS,
@@ -516,6 +635,10 @@ _SENDERS: Final[Mapping[MsgType, frozenset[Role]]] = {
     MsgType.END: frozenset({Role.SOURCE_AGENT, Role.AGENT}),
     MsgType.ABORT: _ALL_ROLES,
     MsgType.GIVE_BACK: _FOLLOWERS,
+    MsgType.NIC_FILTER: frozenset({Role.ORCHESTRATOR}),
+    MsgType.PEER: frozenset({Role.ORCHESTRATOR}),
+    MsgType.USED_IDX: frozenset({Role.ORCHESTRATOR}),
+    MsgType.HOLD: frozenset({Role.ORCHESTRATOR}),
 }
 _ACK_SENDERS: Final[Mapping[MsgType, frozenset[Role]]] = {
     MsgType.CAPTURE_ON: _FOLLOWERS,
@@ -720,8 +843,57 @@ def _validate(msg: Message, lim: Limits) -> None:
             _text("ERROR message", msg.message, MAX_TEXT_BYTES)
         case Bye():
             pass
+        case NicFilter():
+            _mid(msg.migration_id)
+            _uint("nic_id", msg.nic_id, 16)
+            _uint("NIC_FILTER flags", msg.flags, 8)
+            unknown = int(msg.flags) & ~_NIC_FILTER_FLAGS
+            _need(unknown == 0, f"NIC_FILTER flags has unknown bits 0x{unknown:02x}")
+            _macs("multicast", msg.multicast, multicast=True)
+            _macs("unicast", msg.unicast, multicast=False)
+        case Peer():
+            _mid(msg.migration_id)
+            _text("host", msg.host, MAX_HOST_BYTES, min_bytes=1, printable=True)
+            _uint("port", msg.port, 16)
+            _need(msg.port >= 1, "port must be 1..65535, got 0")
+            _text("server_name", msg.server_name, MAX_SERVER_NAME_BYTES, printable=True)
+        case UsedIdx():
+            _mid(msg.migration_id)
+            _uint("USED_IDX phase", msg.phase, 8)
+            _need(msg.phase in UsedPhase._value2member_map_, f"unknown USED_IDX phase {msg.phase}")
+            n = len(msg.entries)
+            _need(
+                n <= MAX_USED_ENTRIES,
+                f"USED_IDX carries {n} entries; at most {MAX_USED_ENTRIES}",
+                ErrorCode.LIMIT_EXCEEDED,
+            )
+            for i, entry in enumerate(msg.entries):
+                ok = isinstance(entry, tuple) and len(entry) == 2
+                _need(ok, f"USED_IDX entry {i} must be a (nic_id, used_idx) pair")
+                _uint(f"USED_IDX entry {i} nic_id", entry[0], 16)
+                _uint(f"USED_IDX entry {i} used_idx", entry[1], 16)
+            _need(len({e[0] for e in msg.entries}) == n, "USED_IDX repeats a nic_id")
+        case Hold():
+            _mid(msg.migration_id)
         case _:
             raise _Invalid(f"{type(msg).__name__} is not a netpass message")
+
+
+def _macs(name: str, macs: object, *, multicast: bool) -> None:
+    # A NIC_FILTER MAC list: the multicast bit (bit 0 of the first byte) tells the lists apart.
+    _need(isinstance(macs, tuple), f"NIC_FILTER {name} must be a tuple of MACs")
+    assert isinstance(macs, tuple)
+    _need(
+        len(macs) <= MAX_FILTER_MACS,
+        f"NIC_FILTER lists {len(macs)} {name} MACs; at most {MAX_FILTER_MACS}",
+        ErrorCode.LIMIT_EXCEEDED,
+    )
+    for i, mac in enumerate(macs):
+        _need(isinstance(mac, bytes) and len(mac) == 6, f"{name} MAC {i} must be 6 bytes")
+        _need(
+            bool(mac[0] & 1) is multicast,
+            f"{name} MAC {i} ({mac.hex(':')}) {'lacks' if multicast else 'has'} the multicast bit",
+        )
 
 
 # --- frame records (QEMU filter-mirror / filter-redirector stream layout) -------------------
@@ -975,6 +1147,25 @@ def _encode_body(msg: Message) -> bytes:
             return _U16.pack(msg.code) + _pstr(msg.message.encode())
         case Bye():
             return b""
+        case NicFilter():
+            return b"".join(
+                (
+                    msg.migration_id.bytes,
+                    struct.pack(">HBH", msg.nic_id, msg.flags, len(msg.multicast)),
+                    *msg.multicast,
+                    _U16.pack(len(msg.unicast)),
+                    *msg.unicast,
+                )
+            )
+        case Peer():
+            host, name = _pstr(msg.host.encode()), _pstr(msg.server_name.encode())
+            return msg.migration_id.bytes + host + _U16.pack(msg.port) + name
+        case UsedIdx():
+            entries = (struct.pack(">HH", nic_id, used) for nic_id, used in msg.entries)
+            head = struct.pack(">BH", msg.phase, len(msg.entries))
+            return msg.migration_id.bytes + head + b"".join(entries)
+        case Hold():
+            return msg.migration_id.bytes
     raise _Invalid(f"{type(msg).__name__} is not a netpass message")
 
 
@@ -1137,6 +1328,35 @@ def _decode_body(t: MsgType, body: bytes, lim: Limits) -> Message:
             msg = Error(r.u16("code"), r.text("message"))
         case MsgType.BYE:
             msg = Bye()
+        case MsgType.NIC_FILTER:
+            mid, nic_id, flags = r.uuid(), r.u16("nic id"), r.u8("flags")
+            lists = []
+            for what in ("multicast", "unicast"):
+                count = r.u16(f"{what} count")
+                _need(
+                    count <= MAX_FILTER_MACS,
+                    f"NIC_FILTER lists {count} {what} MACs; at most {MAX_FILTER_MACS}",
+                )
+                raw = r.raw(6 * count, f"{what} MACs")
+                lists.append(tuple(raw[i : i + 6] for i in range(0, len(raw), 6)))
+            msg = NicFilter(mid, nic_id, NicFilterFlag(flags), lists[0], lists[1])
+        case MsgType.PEER:
+            mid, host, port = r.uuid(), r.text("host"), r.u16("port")
+            msg = Peer(mid, host, port, r.text("server name"))
+        case MsgType.USED_IDX:
+            mid, phase = r.uuid(), r.u8("phase")
+            _need(phase in UsedPhase._value2member_map_, f"USED_IDX names unknown phase {phase}")
+            count = r.u16("entry count")
+            _need(
+                count <= MAX_USED_ENTRIES,
+                f"USED_IDX carries {count} entries; at most {MAX_USED_ENTRIES}",
+            )
+            entries = []
+            for i in range(count):
+                entries.append((r.u16(f"entry {i} nic id"), r.u16(f"entry {i} used idx")))
+            msg = UsedIdx(mid, UsedPhase(phase), tuple(entries))
+        case MsgType.HOLD:
+            msg = Hold(r.uuid())
     r.done()
     _validate(msg, lim)
     return msg
@@ -1172,7 +1392,12 @@ _BODY_BOUNDS: Final[Mapping[MsgType, tuple[int, int]]] = {
     MsgType.PONG: (24, 24),
     MsgType.ERROR: (4, 4 + MAX_TEXT_BYTES),
     MsgType.BYE: (0, 0),
+    MsgType.NIC_FILTER: (16 + 2 + 1 + 2 + 2, 16 + 2 + 1 + 2 * (2 + MAX_FILTER_MACS * 6)),
+    MsgType.PEER: (16 + 2 + 1 + 2 + 2, 16 + 2 + MAX_HOST_BYTES + 2 + 2 + MAX_SERVER_NAME_BYTES),
+    MsgType.USED_IDX: (16 + 1 + 2, 16 + 1 + 2 + MAX_USED_ENTRIES * 4),
+    MsgType.HOLD: (16, 16),
 }
+assert all(HEADER_SIZE + hi <= MIN_MESSAGE_LIMIT for _, hi in _BODY_BOUNDS.values())
 
 
 def encode_message(msg: Message, limits: Limits = DEFAULT_LIMITS) -> bytes:
@@ -1245,6 +1470,9 @@ def _key(msg: Message) -> int:
 
 
 _ACKED_CAPTURE: Final = _ACK_BIT | MsgType.CAPTURE_ON
+# Keys beyond the message types and ACKs: NIC_FILTER sent for a NIC, USED_IDX sent in a phase.
+_FILTER_BIT: Final = 0x10000  # | nic_id
+_PHASE_BIT: Final = 0x20000  # | phase
 _ENDING: Final = frozenset({MsgType.ABORT, MsgType.GIVE_BACK})
 # A migration is closed on a side once it has sent one of these and received one.
 _CLOSING: Final = frozenset(
@@ -1524,6 +1752,8 @@ class Connection:
             return
         _need(them.hello is not None, f"{them.role.name} sent {t.name} before HELLO", _UNEXP)
         _need(self._us.hello is not None, f"{t.name} arrived before we sent HELLO", _UNEXP)
+        if t in _SWITCHOVER_TYPES:
+            self._check_switchover(t)
         senders = _SENDERS.get(t, _ALL_ROLES)
         _need(them.role in senders, f"{them.role.name} may not send {t.name}", _UNEXP)
 
@@ -1590,6 +1820,12 @@ class Connection:
                 # int(): ~ on an IntFlag would only invert the bits it knows.
                 unknown = int(msg.features) & ~int(SUPPORTED_FEATURES)
                 _need(unknown == 0, f"cannot announce unknown features 0x{unknown:x}")
+                newer = Feature(int(msg.features) & ~int(_features_of(msg.version[1])))
+                _need(
+                    not newer,
+                    f"a version {msg.version[0]}.{msg.version[1]} HELLO cannot announce"
+                    f" {newer!r}, which a later minor version defines",
+                )
                 lim = self.limits
                 _need(
                     msg.max_message_bytes <= lim.max_message_bytes
@@ -1628,6 +1864,8 @@ class Connection:
                 _UNEXP,
             )
             return
+        if t in _SWITCHOVER_TYPES:
+            self._check_switchover(t)
         _need(s.role in _SENDERS[t], f"{who} may not send {t.name}", _UNEXP)
         if isinstance(msg, Prepare):
             _need(
@@ -1652,7 +1890,7 @@ class Connection:
         assert mig is not None
         key = _key(msg)
         _need(not s.sent & _CLOSING, f"{who} sent {t.name} after closing the migration", _UNEXP)
-        _need(key not in s.sent or t is MsgType.FRAMES, f"{who} sent {t.name} twice", _UNEXP)
+        _need(key not in s.sent or t in _REPEATABLE, f"{who} sent {t.name} twice", _UNEXP)
         if s.is_us and o.sent & _ENDING:
             ended = sorted(MsgType(k).name for k in o.sent & _ENDING)
             acks = {_ACK_BIT | MsgType[name] for name in ended}
@@ -1678,6 +1916,58 @@ class Connection:
                 self._check_frames(msg, mig)
             case Abort():
                 pass
+            case NicFilter() | Peer():
+                armed = MsgType.CAPTURE_ON in s.sent
+                _need(not armed, f"{who} sent {t.name} after CAPTURE_ON", _UNEXP)
+                if isinstance(msg, NicFilter):
+                    self._check_nic_filter(s, msg, mig)
+            case UsedIdx():
+                _need(acked_capture, f"{who} sent USED_IDX before CAPTURE_ON was ACKed", _UNEXP)
+                self._check_used_idx(s, msg, mig)
+            case Hold():
+                _need(acked_capture, f"{who} sent HOLD before CAPTURE_ON was ACKed", _UNEXP)
+
+    def _check_switchover(self, t: MsgType) -> None:
+        _need(
+            Feature.SWITCHOVER in self._features,
+            f"{t.name} needs the SWITCHOVER feature on both sides (protocol 1.1)",
+            ErrorCode.FEATURE_NOT_NEGOTIATED,
+        )
+
+    def _check_nic_filter(self, s: _Side, msg: NicFilter, mig: _Migration) -> None:
+        nic = msg.nic_id
+        _need(nic in mig.digests, f"NIC_FILTER for nic {nic}, which was not prepared", _UNEXP)
+        _need(
+            (_FILTER_BIT | nic) not in s.sent,
+            f"{s.role.name} sent NIC_FILTER for nic {nic} twice",
+            _UNEXP,
+        )
+
+    def _check_used_idx(self, s: _Side, msg: UsedIdx, mig: _Migration) -> None:
+        who, phase = s.role.name, UsedPhase(msg.phase)
+        ids = [nic_id for nic_id, _ in msg.entries]
+        unknown = [nic_id for nic_id in ids if nic_id not in mig.digests]
+        if unknown:
+            raise _Invalid(f"USED_IDX for nic {unknown[0]}, which was not prepared", _UNEXP)
+        if phase in (UsedPhase.BASELINE, UsedPhase.FINAL):
+            # The nic_ids are prepared and unique, so equal counts mean all of them.
+            _need(
+                len(ids) == len(mig.digests),
+                f"USED_IDX({phase.name}) lists nics {ids}; it must list every prepared NIC"
+                f" {list(mig.digests)}",
+            )
+        later = [p for p in UsedPhase if p > phase and (_PHASE_BIT | p) in s.sent]
+        if later:
+            raise _Invalid(
+                f"{who} sent USED_IDX({phase.name}) after USED_IDX({later[-1].name}):"
+                " phases only move forward",
+                _UNEXP,
+            )
+        _need(
+            phase is UsedPhase.OBSERVE or (_PHASE_BIT | phase) not in s.sent,
+            f"{who} sent USED_IDX({phase.name}) twice",
+            _UNEXP,
+        )
 
     def _check_frames(self, msg: Frames, mig: _Migration) -> None:
         digest = mig.digests.get(msg.nic_id)
@@ -1735,6 +2025,10 @@ class Connection:
                 assert self._mig is not None and records is not None
                 self._mig.digests[msg.nic_id].update_encoded(records, len(msg.frames))
                 s.sent.add(_key(msg))
+            case NicFilter():
+                s.sent.update((_key(msg), _FILTER_BIT | msg.nic_id))
+            case UsedIdx():
+                s.sent.update((_key(msg), _PHASE_BIT | msg.phase))
             case _:
                 s.sent.add(_key(msg))
 
@@ -1742,7 +2036,9 @@ class Connection:
         ours, theirs = self._us.hello, self._them.hello
         assert ours is not None and theirs is not None
         self._version = (PROTOCOL_VERSION[0], min(ours.version[1], theirs.version[1]))
-        self._features = Feature(ours.features & theirs.features & SUPPORTED_FEATURES)
+        # A feature of a later minor version than the negotiated one is an unknown bit to one
+        # side, so it does not count even if that side set it.
+        self._features = Feature(ours.features & theirs.features & _features_of(self._version[1]))
         self._peer_limits = Limits(
             max_message_bytes=theirs.max_message_bytes,
             max_frames_per_batch=theirs.max_frames_per_batch,

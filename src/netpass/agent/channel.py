@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -515,8 +516,12 @@ async def connect(
     timeout: float = HANDSHAKE_TIMEOUT,
     read_size: int = DEFAULT_READ_SIZE,
     on_message: Callable[[wire.Message], None] | None = None,
+    netns: str | None = None,
 ) -> Channel:
     """Open a TLS connection to an agent and exchange HELLOs; returns a ready Channel.
+
+    NETNS (a name or a path): open the TCP connection from that network namespace (the lab's
+    orchestrator reaches agents on the lab network this way).
 
     ``identity`` goes into our HELLO (host name, say). Raises ConnectError (no TCP),
     HandshakeError (TLS, refusal, not netpass, missing ``require_features``).
@@ -524,14 +529,24 @@ async def connect(
     where = f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host,
-                port,
-                ssl=ctx,
-                server_hostname=server_hostname,
-                limit=read_size,
-                ssl_handshake_timeout=timeout,
-            )
+            if netns is None:
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=ctx,
+                    server_hostname=server_hostname,
+                    limit=read_size,
+                    ssl_handshake_timeout=timeout,
+                )
+            else:
+                sock = await asyncio.to_thread(_tcp_in_netns, netns, host, port, timeout)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock,
+                    ssl=ctx,
+                    server_hostname=server_hostname or host,
+                    limit=read_size,
+                    ssl_handshake_timeout=timeout,
+                )
     except TimeoutError:
         raise HandshakeError(f"connecting to {where}: no TLS session within {timeout} s") from None
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
@@ -552,6 +567,15 @@ async def connect(
         read_size=read_size,
         on_message=on_message,
     )
+
+
+def _tcp_in_netns(netns: str, host: str, port: int, timeout: float) -> socket.socket:
+    from netpass.datapath.netns import in_netns
+
+    with in_netns(netns):
+        sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setblocking(False)
+    return sock
 
 
 async def accept(

@@ -148,7 +148,7 @@ subjectKeyIdentifier = hash
 [v3_server]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
+extendedKeyUsage = serverAuth, clientAuth
 subjectAltName = {san}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid, issuer
@@ -174,6 +174,19 @@ class TestPki:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+    @classmethod
+    def at(cls, directory: str | os.PathLike[str]) -> TestPki:
+        """The PKI make_test_pki() wrote in DIRECTORY."""
+        d = Path(directory)
+        return cls(
+            ca_cert=d / "ca.crt",
+            ca_key=d / "ca.key",
+            server_cert=d / "server.crt",
+            server_key=d / "server.key",
+            client_cert=d / "client.crt",
+            client_key=d / "client.key",
+        )
 
     def server_context(self) -> ssl.SSLContext:
         return server_context(self.server_cert, self.server_key, self.ca_cert)
@@ -246,11 +259,4 @@ def make_test_pki(
         (d / f"{name}.csr").unlink()
     for key in ("ca.key", "server.key", "client.key"):
         (d / key).chmod(0o600)
-    return TestPki(
-        ca_cert=d / "ca.crt",
-        ca_key=d / "ca.key",
-        server_cert=d / "server.crt",
-        server_key=d / "server.key",
-        client_cert=d / "client.crt",
-        client_key=d / "client.key",
-    )
+    return TestPki.at(d)

@@ -1,0 +1,591 @@
+"""The per-host agent: this host's half of every netpass switchover (docs/agent.md, "Two hosts").
+
+The orchestrator keeps QMP and the timeline; over the control channel it tells the agent what
+QMP said (`USED_IDX`, `HOLD`, `VM_STARTED`). On the source host the agent runs `SourceNic`
+(capture, relay, accounting) and streams the owed frames straight to the destination host's
+agent over the frame channel; there the agent runs `DestNic` (hold, paced bypass injection).
+
+Which half a migration is on this host follows from the orchestrator's messages: a `PEER`
+(where the destination agent listens) before `CAPTURE_ON` makes it the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+from uuid import UUID
+
+from prometheus_client import CollectorRegistry, Counter
+
+from netpass import wire
+from netpass.agent.channel import Channel, ChannelError, connect
+from netpass.datapath import tapfd
+from netpass.discovery import NicInfo, RxFilter
+from netpass.errors import DatapathError, HostError, NetpassError
+from netpass.switchover import (
+    CATCHUP_FACTOR,
+    CATCHUP_MIN_PER_MS,
+    QUIET_S,
+    RESCUE_DEADLINE_S,
+    DestNic,
+    SourceNic,
+)
+
+log = logging.getLogger("netpass.agent")
+
+DEFAULT_FRAME_BUDGET: Final = 256 << 20  # bytes of rescued frames one migration may buffer
+BROADCAST_OR_MULTICAST: Final = 1
+STREAM_BATCH: Final = 256
+SOURCE_END_TIMEOUT_S: Final = 30.0  # the destination stops waiting for the source's END
+
+
+class HostMetrics:
+    """What the switchover did on this host, for Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.captured = Counter(
+            "netpass_frames_captured", "Frames the source capture took", registry=registry
+        )
+        self.injected = Counter(
+            "netpass_frames_injected", "Rescued frames injected at the destination",
+            registry=registry,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "netpass_frames_dropped", "Frames dropped, by reason", ["reason"], registry=registry
+        )
+        self.migrations = Counter(
+            "netpass_migrations", "Migrations by side and outcome", ["side", "outcome"],
+            registry=registry,
+        )  # fmt: skip
+
+
+def find_tap_owner(tap: str) -> tuple[int, list[int]]:
+    """(pid, tap fds) of the process (the hypervisor) that has TAP open."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fds = tapfd.find_tap_fds(int(name), tap)
+        except (DatapathError, HostError, OSError):
+            continue  # gone meanwhile, or a kernel thread
+        if fds:
+            return int(name), fds
+    raise DatapathError(f"no process has tap {tap} open")
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def _nic_info(spec: wire.NicSpec, fds: list[int]) -> NicInfo:
+    if len(fds) != 1:
+        raise DatapathError(f"tap {spec.tap} has {len(fds)} queues; netpass needs one")
+    return NicInfo(
+        nic_id=str(spec.nic_id),
+        mac=_mac_text(spec.mac),
+        tap=spec.tap,
+        virtio_path="",
+        rx_queues=[0],
+        rx_filter=RxFilter(mac=spec.mac),
+        tap_fds=fds,
+    )
+
+
+def _rx_filter(mac: bytes, f: wire.NicFilter) -> RxFilter:
+    return RxFilter(
+        mac=mac,
+        promiscuous=bool(f.flags & wire.NicFilterFlag.PROMISCUOUS),
+        multicast_all=bool(f.flags & wire.NicFilterFlag.ALL_MULTICAST),
+        multicast=set(f.multicast),
+        unicast_all=bool(f.flags & wire.NicFilterFlag.ALL_UNICAST),
+        unicast=set(f.unicast),
+    )
+
+
+@dataclass
+class _Nic:
+    spec: wire.NicSpec
+    pid: int
+    info: NicInfo
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+
+class SessionError(NetpassError):
+    """This host cannot do its half of the migration; the orchestrator gets the reason."""
+
+
+# --- source host ---------------------------------------------------------------------------
+class SourceSession:
+    """Capture + relay + accounting for one migration; streams the owed frames to the peer."""
+
+    def __init__(self, mid: UUID, vm: str, nics: list[_Nic], host: HostAgent) -> None:
+        self.mid, self.vm, self.host = mid, vm, host
+        self.nics = {n.spec.nic_id: n for n in nics}
+        self.halves: dict[int, SourceNic] = {}
+        self.peer: wire.Peer | None = None
+        self.frames: Channel | None = None
+        self._streamer: asyncio.Task[None] | None = None
+        self._peer_started = asyncio.Event()
+        self._end_acked = asyncio.Event()
+        self.done = False  # the owed frames reached the destination agent
+        self.given_back = False
+        self._sent = {nic_id: wire.FrameDigest() for nic_id in self.nics}
+
+    def set_filter(self, f: wire.NicFilter) -> None:
+        n = self.nics[f.nic_id]
+        n.info.rx_filter = _rx_filter(n.spec.mac, f)
+
+    async def capture_on(self) -> None:
+        for slot, (nic_id, n) in enumerate(sorted(self.nics.items())):
+            half = SourceNic(n.info, n.pid, n.netns, slot)
+            self.halves[nic_id] = half
+            await asyncio.to_thread(half.prepare)
+            await asyncio.to_thread(half.capture_on)
+            if not await asyncio.to_thread(half.wait_tap_empty):
+                raise SessionError(f"source tap {n.spec.tap} did not empty")
+        await self._open_frame_channel()
+
+    async def _open_frame_channel(self) -> None:
+        assert self.peer is not None
+        p = self.peer
+        ch = await connect(
+            p.host,
+            p.port,
+            self.host.client_ctx,
+            wire.Role.SOURCE_AGENT,
+            self.host.identity,
+            server_hostname=p.server_name or None,
+        )
+        self.frames = ch
+        specs = tuple(n.spec for n in self.nics.values())
+        await ch.send(wire.Prepare(self.mid, self.vm, specs))
+        await _expect(ch, wire.Prepared)
+        await ch.send(wire.CaptureOn(self.mid))
+        await _expect(ch, wire.Ack)
+
+    def used_idx(self, phase: wire.UsedPhase, entries: tuple[tuple[int, int], ...]) -> None:
+        for nic_id, u in entries:
+            half = self.halves[nic_id]
+            if phase == wire.UsedPhase.BASELINE:
+                half.start_relay(u)
+            elif phase == wire.UsedPhase.OBSERVE:
+                half.observe_used(u)
+        if phase == wire.UsedPhase.STOPPED:
+            for half in self.halves.values():
+                half.stop_relay()
+
+    async def final(self, entries: tuple[tuple[int, int], ...]) -> None:
+        """The used-idx at the stop: account, drain, and start streaming what is owed."""
+        for nic_id, u in entries:
+            half = self.halves[nic_id]
+            half.account(u)
+            await asyncio.to_thread(half.drain_tap)
+            half.set_flush_point()
+        self._streamer = asyncio.create_task(self._stream())
+
+    async def _stream(self) -> None:
+        """Owed frames to the destination agent until the source has been quiet for QUIET_S
+        after the destination started (RESCUE_DEADLINE_S at most), then END."""
+        assert self.frames is not None
+        ch = self.frames
+        listener = asyncio.create_task(self._listen())
+        deadline: float | None = None
+        try:
+            while True:
+                moved = 0
+                for nic_id, half in self.halves.items():
+                    records = [wire.FrameRecord(f) for f in half.take(STREAM_BATCH)]
+                    if records:
+                        for msg in ch.conn.batch_frames(nic_id, records):
+                            await ch.send(msg)
+                        self._sent[nic_id].update_many(records)
+                        moved += len(records)
+                if moved:
+                    continue
+                if self._peer_started.is_set():
+                    deadline = deadline or time.monotonic() + RESCUE_DEADLINE_S
+                    quiet = all(h.quiet_for() >= QUIET_S for h in self.halves.values())
+                    if quiet or time.monotonic() > deadline:
+                        break
+                await asyncio.sleep(0.001)
+            await ch.send(wire.End(self.mid, ch.conn.frame_summaries()))
+            await asyncio.wait_for(self._end_acked.wait(), 10)
+            self.done = True
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self) -> None:
+        assert self.frames is not None
+        while True:
+            ev = await self.frames.recv()
+            if isinstance(ev, wire.VmStarted):
+                self._peer_started.set()
+            elif isinstance(ev, wire.Ack) and ev.acked == wire.MsgType.END:
+                self._end_acked.set()
+                return
+            elif isinstance(ev, wire.GiveBack):
+                raise SessionError(f"destination agent gave the frames back: {ev.reason}")
+            elif isinstance(ev, wire.Error | wire.ConnectionClosed):
+                raise SessionError(f"frame channel closed: {ev}")
+
+    async def finish(self) -> tuple[wire.NicSummary, ...]:
+        """Wait for the stream to end; per NIC, the count and digest of the frames sent."""
+        if self._streamer is not None:
+            await self._streamer
+        for half in self.halves.values():
+            self.host.metrics.captured.inc(half.counters.captured)
+        return tuple(d.summary(nic_id) for nic_id, d in self._sent.items())
+
+    async def give_back(self, used: dict[int, int] | None) -> None:
+        self.given_back = True
+        for nic_id, half in self.halves.items():
+            u = None if used is None else used.get(nic_id)
+            await asyncio.to_thread(half.give_back, u)
+
+    def counters(self) -> tuple[tuple[str, int], ...]:
+        out: list[tuple[str, int]] = []
+        for nic_id, half in self.halves.items():
+            for k, v in half.counters.to_dict().items():
+                if isinstance(v, int):
+                    out.append((f"nic{nic_id}.{k}", v))
+            for reason, v in half.counters.dropped.items():
+                out.append((f"nic{nic_id}.dropped.{_slug(reason)}", v))
+        return tuple(out)
+
+    async def close(self) -> None:
+        if self._streamer is not None and not self._streamer.done():
+            self._streamer.cancel()
+        if self.halves and not (self.done or self.given_back):
+            # Failed before the owed frames left: whatever netpass holds goes back to the VM.
+            with contextlib.suppress(NetpassError, OSError):
+                await self.give_back(None)
+        for half in self.halves.values():
+            try:
+                await asyncio.to_thread(half.close)
+            except (DatapathError, OSError) as e:
+                log.warning("%s: cleanup: %s", self.mid, e)
+        if self.frames is not None:
+            await self.frames.close()
+
+
+# --- destination host ----------------------------------------------------------------------
+@dataclass
+class _Inbox:
+    """Rescued frames of one NIC that arrived before the destination VM runs."""
+
+    frames: collections.deque[bytes] = field(default_factory=collections.deque)
+
+
+class DestSession:
+    """Hold + paced bypass injection for one migration."""
+
+    def __init__(self, mid: UUID, vm: str, nics: list[_Nic], host: HostAgent) -> None:
+        self.mid, self.vm, self.host = mid, vm, host
+        self.nics = {n.spec.nic_id: n for n in nics}
+        self.halves: dict[int, DestNic] = {}
+        self.inbox = {nic_id: _Inbox() for nic_id in self.nics}
+        self.buffered_bytes = 0
+        self.dropped_over_budget = 0
+        self.started = asyncio.Event()
+        self.source_ended = asyncio.Event()
+        self.frames: Channel | None = None
+        self.source_lost: str | None = None
+        self._hold_t = 0.0
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def prepare(self) -> None:
+        for nic_id, n in self.nics.items():
+            half = DestNic(n.info, n.pid, n.netns)
+            self.halves[nic_id] = half
+            await asyncio.to_thread(half.prepare)
+
+    async def hold(self) -> None:
+        self._hold_t = time.monotonic()
+        for half in self.halves.values():
+            await asyncio.to_thread(half.close_and_flush)
+
+    def on_frames(self, msg: wire.Frames) -> None:
+        """Frames from the source agent: checked, then queued (the budget drops the newest)."""
+        n = self.nics[msg.nic_id]
+        box = self.inbox[msg.nic_id]
+        for rec in msg.frames:
+            d = rec.data
+            if len(d) < 14 or (d[:6] != n.spec.mac and not d[0] & BROADCAST_OR_MULTICAST):
+                raise SessionError(
+                    f"frame for {_mac_text(d[:6])} on NIC {msg.nic_id}, whose MAC is "
+                    f"{_mac_text(n.spec.mac)}: nothing of this batch is injected"
+                )
+        for rec in msg.frames:
+            if self.buffered_bytes + len(rec.data) > self.host.frame_budget:
+                self.dropped_over_budget += 1
+                self.host.metrics.dropped.labels("over the frame budget").inc()
+                continue
+            self.buffered_bytes += len(rec.data)
+            box.frames.append(rec.data)
+        self._wake.set()
+
+    def vm_started(self) -> None:
+        for half in self.halves.values():
+            half.set_pace(self._pace())
+        self.started.set()
+        self._wake.set()
+
+    def _pace(self) -> float:
+        # Frames owed arrive at the rate they hit the source since the stop.
+        elapsed_ms = max(1.0, (time.monotonic() - self._hold_t) * 1000)
+        waiting = sum(len(b.frames) for b in self.inbox.values())
+        return max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR * waiting / elapsed_ms)
+
+    async def deliver(self) -> tuple[wire.NicSummary, ...]:
+        """Once the VM runs: inject in order as frames come, then release the hold."""
+        injected = {nic_id: wire.FrameDigest() for nic_id in self.nics}
+        await self.started.wait()
+        while True:
+            self._wake.clear()
+            moved = 0
+            for nic_id, box in self.inbox.items():
+                if box.frames:
+                    batch = [box.frames.popleft() for _ in range(min(256, len(box.frames)))]
+                    self.buffered_bytes -= sum(len(f) for f in batch)
+                    await asyncio.to_thread(self.halves[nic_id].inject, batch)
+                    injected[nic_id].update_many(wire.FrameRecord(f) for f in batch)
+                    self.host.metrics.injected.inc(len(batch))
+                    moved += len(batch)
+            if not moved:
+                if self.source_ended.is_set():
+                    break
+                try:
+                    await asyncio.wait_for(self._wake.wait(), SOURCE_END_TIMEOUT_S)
+                except TimeoutError:
+                    self.source_lost = "the source agent sent nothing for 30 s"
+                    break
+        for half in self.halves.values():
+            await asyncio.to_thread(half.release)
+        return tuple(d.summary(nic_id) for nic_id, d in injected.items())
+
+    async def discard(self) -> None:
+        for box in self.inbox.values():
+            box.frames.clear()
+        self.buffered_bytes = 0
+        for half in self.halves.values():
+            await asyncio.to_thread(half.hold.open)
+
+    def counters(self) -> tuple[tuple[str, int], ...]:
+        out = [("dropped_over_budget", self.dropped_over_budget),
+               ("source_lost", int(self.source_lost is not None))]  # fmt: skip
+        for nic_id, half in self.halves.items():
+            out += [(f"nic{nic_id}.injected", half.injected),
+                    (f"nic{nic_id}.flood_discarded", half.flood_discarded)]  # fmt: skip
+        return tuple(out)
+
+    async def close(self) -> None:
+        for half in self.halves.values():
+            try:
+                await asyncio.to_thread(half.close)
+            except (DatapathError, OSError) as e:
+                log.warning("%s: cleanup: %s", self.mid, e)
+
+
+def _slug(reason: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in reason)[:40].strip("_") or "other"
+
+
+M = TypeVar("M", bound=wire.Message)
+
+
+async def _expect(ch: Channel, kind: type[M], timeout: float = 10.0) -> M:
+    ev = await asyncio.wait_for(ch.recv(), timeout)
+    if not isinstance(ev, kind):
+        raise SessionError(f"expected {kind.__name__}, got {type(ev).__name__}")
+    return ev
+
+
+# --- the agent -----------------------------------------------------------------------------
+class HostAgent:
+    """Serves the orchestrator (control channel) and source agents (frame channel)."""
+
+    def __init__(
+        self,
+        identity: str,
+        client_ctx: ssl.SSLContext,
+        registry: CollectorRegistry,
+        frame_budget: int = DEFAULT_FRAME_BUDGET,
+    ) -> None:
+        self.identity = identity
+        self.client_ctx = client_ctx
+        self.frame_budget = frame_budget
+        self.metrics = HostMetrics(registry)
+        self.dest: dict[UUID, DestSession] = {}
+
+    # Control channel: one connection per orchestrator, one migration at a time on it.
+    async def control(self, ch: Channel) -> None:
+        while True:
+            ev = await ch.recv()
+            if isinstance(ev, wire.Prepare):
+                await self._migration(ch, ev)
+            elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                return
+
+    async def _migration(self, ch: Channel, prep: wire.Prepare) -> None:
+        mid = prep.migration_id
+        try:
+            nics = [self._nic(spec) for spec in prep.nics]
+        except (DatapathError, HostError) as e:
+            await ch.send(wire.Abort(mid, f"cannot prepare: {e}"[:1024]))
+            await _expect(ch, wire.Ack)
+            return
+        # Both halves exist until CAPTURE_ON says which one this host is: a source agent may
+        # open the frame channel (naming this migration) before our CAPTURE_ON arrives.
+        dest_half = DestSession(mid, prep.vm_name, nics, self)
+        self.dest[mid] = dest_half
+        src: SourceSession | None = SourceSession(mid, prep.vm_name, nics, self)
+        dst: DestSession | None = dest_half
+        await ch.send(wire.Prepared(mid))
+        side = "?"
+        outcome = "failed"
+        try:
+            while True:
+                ev = await ch.recv()
+                if isinstance(ev, wire.NicFilter) and src is not None:
+                    src.set_filter(ev)
+                elif isinstance(ev, wire.Peer) and src is not None:
+                    src.peer = ev
+                elif isinstance(ev, wire.CaptureOn):
+                    if src is not None and src.peer is not None:
+                        side, dst = "source", None
+                        self.dest.pop(mid, None)
+                        await src.capture_on()
+                    elif dst is not None:
+                        side, src = "destination", None
+                        await dst.prepare()
+                    await ch.send(wire.Ack(mid, wire.MsgType.CAPTURE_ON))
+                elif isinstance(ev, wire.UsedIdx) and src is not None:
+                    if ev.phase == wire.UsedPhase.FINAL:
+                        await src.final(ev.entries)
+                        outcome = await self._source_end(ch, src)
+                        return
+                    if ev.phase == wire.UsedPhase.RESUMED:
+                        await src.give_back(dict(ev.entries))
+                    else:
+                        src.used_idx(ev.phase, ev.entries)
+                elif isinstance(ev, wire.Hold) and dst is not None:
+                    await dst.hold()
+                elif isinstance(ev, wire.VmStarted) and dst is not None:
+                    dst.vm_started()
+                    if dst.frames is not None:
+                        await dst.frames.send(wire.VmStarted(mid, time.time_ns()))
+                    summaries = await dst.deliver()
+                    await ch.send(wire.Counts(mid, dst.counters()))
+                    await ch.send(wire.End(mid, summaries))
+                    await _expect(ch, wire.Ack)
+                    outcome = "completed"
+                    return
+                elif isinstance(ev, wire.Abort):
+                    if src is not None and side == "source":
+                        await src.give_back(None)
+                    if dst is not None:
+                        await dst.discard()
+                    await ch.send(wire.Ack(mid, wire.MsgType.ABORT))
+                    outcome = "aborted"
+                    return
+                elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                    outcome = "channel lost"
+                    if src is not None and side == "source":
+                        await src.give_back(None)
+                    return
+        except (NetpassError, ChannelError, TimeoutError) as e:
+            log.warning("migration %s (%s): %s", mid, side, e)
+            with contextlib.suppress(NetpassError, ChannelError):
+                await ch.send(wire.Abort(mid, str(e)[:1024]))
+        finally:
+            self.metrics.migrations.labels(side, outcome).inc()
+            self.dest.pop(mid, None)
+            for s in (src, dst):
+                if s is not None:
+                    await s.close()
+
+    async def _source_end(self, ch: Channel, src: SourceSession) -> str:
+        """After the stop: stream until the destination ran and the source went quiet, while
+        still listening to the orchestrator (the migration can fail after the stop)."""
+        fin = asyncio.create_task(src.finish())
+        nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
+        try:
+            while True:
+                done, _ = await asyncio.wait({fin, nxt}, return_when=asyncio.FIRST_COMPLETED)
+                if fin in done:
+                    summaries = fin.result()
+                    await ch.send(wire.Counts(src.mid, src.counters()))
+                    await ch.send(wire.End(src.mid, summaries))
+                    ack = await nxt
+                    if not isinstance(ack, wire.Ack):
+                        raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
+                    return "completed"
+                ev = nxt.result()
+                if isinstance(ev, wire.UsedIdx) and ev.phase == wire.UsedPhase.RESUMED:
+                    fin.cancel()
+                    await src.give_back(dict(ev.entries))
+                elif isinstance(ev, wire.Abort):
+                    fin.cancel()
+                    await ch.send(wire.Ack(src.mid, wire.MsgType.ABORT))
+                    return "aborted"
+                elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                    return "channel lost"
+                nxt = asyncio.create_task(ch.recv())
+        finally:
+            for t in (fin, nxt):
+                t.cancel()
+            await asyncio.gather(fin, nxt, return_exceptions=True)
+
+    def _nic(self, spec: wire.NicSpec) -> _Nic:
+        pid, fds = find_tap_owner(spec.tap)
+        return _Nic(spec, pid, _nic_info(spec, fds))
+
+    # Frame channel: a source agent streams one migration's owed frames.
+    async def frames(self, ch: Channel) -> None:
+        session: DestSession | None = None
+        while True:
+            ev = await ch.recv()
+            if isinstance(ev, wire.Prepare):
+                session = self.dest.get(ev.migration_id)
+                if session is None:
+                    await ch.abort_with(
+                        wire.ErrorCode.APPLICATION, f"unknown migration {ev.migration_id}"
+                    )
+                    return
+                session.frames = ch
+                await ch.send(wire.Prepared(ev.migration_id))
+            elif isinstance(ev, wire.CaptureOn) and session is not None:
+                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.CAPTURE_ON))
+            elif isinstance(ev, wire.Frames) and session is not None:
+                try:
+                    session.on_frames(ev)
+                except SessionError as e:
+                    await ch.abort_with(wire.ErrorCode.APPLICATION, str(e))
+                    return
+            elif isinstance(ev, wire.End) and session is not None:
+                session.source_ended.set()
+                session.wake()
+                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.END))
+            elif isinstance(ev, wire.Abort) and session is not None:
+                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.ABORT))
+            elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                if session is not None and not session.source_ended.is_set():
+                    session.source_lost = f"frame channel from the source agent closed: {ev}"
+                    session.source_ended.set()
+                    session.wake()
+                return

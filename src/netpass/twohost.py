@@ -1,0 +1,410 @@
+"""The migration timeline when source and destination are different hosts, top to bottom.
+
+Same switchover as `orchestrator.NetpassTimeline` (docs/design.md), but each host's half runs
+in that host's agent (docs/agent.md, "Two hosts"): netpass keeps QMP and tells the agents what
+it says over mutual-TLS control channels; the owed frames go from the source agent straight to
+the destination agent. A channel that fails never fails the migration: it goes on as a stock
+one and the cause is reported in timing.netpass["error"].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import uuid4
+
+from netpass import wire
+from netpass.agent.channel import Channel, ChannelError, connect
+from netpass.discovery import NicInfo, discover, used_idx
+from netpass.errors import MigrationError, NetpassError, UsageError
+from netpass.orchestrator import (
+    FINAL_STATES,
+    ProgressFn,
+    _check_ready,
+    _dst_completed,
+    _measure,
+    _params,
+    _report_progress,
+    _sessions,
+    _set_caps,
+    _status,
+    _wait_active,
+    dst_loaded,
+    migrate_stock,
+    src_failed,
+)
+from netpass.qmp import Qmp, is_event
+from netpass.results import MigrationTiming
+
+M = TypeVar("M", bound=wire.Message)
+NETPASS_MODES = ("required", "preferred", "off")
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    """Where a host's agent listens: control channel on PORT, frame channel on PORT + 1."""
+
+    host: str
+    port: int
+    server_name: str = ""
+    netns: str | None = None  # reach it from this network namespace (the lab)
+
+    @classmethod
+    def parse(cls, text: str) -> AgentAddress:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) < 65535:
+            raise UsageError(f"agent address {text!r}: expected HOST:PORT")
+        return cls(host.strip("[]"), int(port))
+
+    @property
+    def frame_port(self) -> int:
+        return self.port + 1
+
+
+async def migrate_two_hosts(
+    src_qmp: str,
+    dst_qmp: str,
+    uri: str,
+    src_agent: AgentAddress,
+    dst_agent: AgentAddress,
+    tls: ssl.SSLContext,
+    *,
+    netpass: str = "required",
+    postcopy: bool = False,
+    downtime_ms: int | None = None,
+    max_bandwidth: int | None = None,
+    progress: ProgressFn | None = None,
+    timeout: float = 300.0,
+) -> MigrationTiming:
+    """Migrate with the per-host agents doing each host's half of the switchover.
+
+    NETPASS: 'required' refuses to start without both agents; 'preferred' falls back to a stock
+    migration (reported) when an agent is unreachable or lacks the SWITCHOVER feature; 'off' is
+    a stock migration."""
+    if netpass not in NETPASS_MODES:
+        raise UsageError(f"--netpass must be one of {', '.join(NETPASS_MODES)}")
+    params = _params(downtime_ms, max_bandwidth)
+    kw: dict[str, Any] = dict(
+        postcopy=postcopy,
+        downtime_ms=downtime_ms,
+        max_bandwidth=max_bandwidth,
+        progress=progress,
+        timeout=timeout,
+    )
+    if netpass == "off":
+        return await migrate_stock(src_qmp, dst_qmp, uri, **kw)
+    try:
+        src_ch = await _agent(src_agent, tls)
+        try:
+            dst_ch = await _agent(dst_agent, tls)
+        except BaseException:
+            await src_ch.close()
+            raise
+    except ChannelError as e:
+        if netpass == "required":
+            raise UsageError(
+                f"netpass agent not usable: {e} (--netpass=preferred migrates stock)"
+            ) from e
+        timing = await migrate_stock(src_qmp, dst_qmp, uri, **kw)
+        timing.netpass = {"error": f"stock migration: netpass agent not usable: {e}"}
+        return timing
+    try:
+        async with _sessions(src_qmp, dst_qmp) as (src, dst):
+            tl = TwoHostTimeline(src, dst, uri, src_ch, dst_ch, dst_agent, postcopy, params)
+            tl.progress, tl.timeout = progress, timeout
+            return await tl.run()
+    finally:
+        for ch in (src_ch, dst_ch):
+            with contextlib.suppress(ChannelError, OSError):
+                await ch.close()
+
+
+async def _agent(addr: AgentAddress, tls: ssl.SSLContext) -> Channel:
+    return await connect(
+        addr.host,
+        addr.port,
+        tls,
+        wire.Role.ORCHESTRATOR,
+        socket.gethostname(),
+        server_hostname=addr.server_name or None,
+        require_features=wire.Feature.SWITCHOVER,
+        netns=addr.netns,
+    )
+
+
+async def _expect(
+    ch: Channel, kind: type[M], timeout: float = 30.0, counts: dict[str, int] | None = None
+) -> M:
+    """The next message of KIND from the agent (COUNTS go into COUNTS)."""
+    while True:
+        ev = await asyncio.wait_for(ch.recv(), timeout)
+        if isinstance(ev, kind):
+            return ev
+        if isinstance(ev, wire.Abort):
+            with contextlib.suppress(NetpassError, ChannelError):
+                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.ABORT))
+            raise ChannelError(f"agent {ch.peer_name} refused: {ev.reason}")
+        if isinstance(ev, wire.Error | wire.ConnectionClosed | wire.Bye):
+            raise ChannelError(f"agent {ch.peer_name} closed the channel: {ev}")
+        if isinstance(ev, wire.Counts) and counts is not None:
+            counts.update(ev.counters)
+
+
+class TwoHostTimeline:
+    def __init__(
+        self,
+        src: Qmp,
+        dst: Qmp,
+        uri: str,
+        src_ch: Channel,
+        dst_ch: Channel,
+        dst_agent: AgentAddress,
+        postcopy: bool,
+        params: dict[str, int],
+    ) -> None:
+        self.src, self.dst, self.uri = src, dst, uri
+        self.src_ch, self.dst_ch, self.dst_agent = src_ch, dst_ch, dst_agent
+        self.postcopy, self.params = postcopy, params
+        self.progress: ProgressFn | None = None
+        self.timeout = 300.0
+        self.timing = MigrationTiming(mode="netpass", postcopy=postcopy)
+        self.mid = uuid4()
+        self.nics: list[NicInfo] = []
+        self.error: str | None = None
+        self.live = False  # the agents take part (until a channel fails)
+        self.phase = ["prepare"]
+        self.summaries: dict[str, tuple[wire.NicSummary, ...]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def _fail(self, e: BaseException) -> None:
+        self.live = False
+        if self.error is None:
+            self.error = str(e) or type(e).__name__
+
+    async def run(self) -> MigrationTiming:
+        await _check_ready(self.src, self.dst)
+        await self._prepare()
+        failed: MigrationError | None = None
+        try:
+            await self._capture_on()
+            await self._start_migration()
+            watcher = asyncio.create_task(self._watch())
+            try:
+                if await self._switchover():
+                    await self._finish()
+                else:
+                    failed = await self._give_back()
+            finally:
+                watcher.cancel()
+        finally:
+            await _measure(self.timing, self.src, self.dst)
+            self._report()
+        if failed is not None:
+            raise failed
+        return self.timing
+
+    # 1. Prepare: NICs from QMP, each agent finds its tap and its QEMU.
+    async def _prepare(self) -> None:
+        svm = await discover(self.src, local=False)
+        dvm = await discover(self.dst, local=False)
+        by_mac = {n.mac: n for n in dvm.nics}
+        src_specs, dst_specs = [], []
+        for slot, n in enumerate(svm.nics):
+            d = by_mac.get(n.mac)
+            if d is None:
+                raise UsageError(f"destination has no NIC with MAC {n.mac} (source {n.nic_id})")
+            mac = bytes.fromhex(n.mac.replace(":", ""))
+            src_specs.append(wire.NicSpec(slot, n.tap, mac))
+            dst_specs.append(wire.NicSpec(slot, d.tap, mac))
+            self.nics.append(n)
+        vm = str((await self.src.cmd("query-name")).get("name") or "vm")[:255]
+        try:
+            await self.src_ch.send(wire.Prepare(self.mid, vm, tuple(src_specs)))
+            await self.dst_ch.send(wire.Prepare(self.mid, vm, tuple(dst_specs)))
+            await _expect(self.src_ch, wire.Prepared)
+            await _expect(self.dst_ch, wire.Prepared)
+            for slot, n in enumerate(self.nics):
+                await self.src_ch.send(_nic_filter(self.mid, slot, n))
+            a = self.dst_agent
+            await self.src_ch.send(wire.Peer(self.mid, a.host, a.frame_port, a.server_name))
+        except (ChannelError, TimeoutError) as e:
+            raise UsageError(f"netpass agents could not prepare the migration: {e}") from e
+        self.live = True
+        await _set_caps(self.src, self.dst, self.postcopy, False)
+        if self.params:
+            await self.src.cmd("migrate-set-parameters", **self.params)
+
+    # 2. Capture on at the source, the relay's baseline, the destination armed.
+    async def _capture_on(self) -> None:
+        try:
+            await self.src_ch.send(wire.CaptureOn(self.mid))
+            await _expect(self.src_ch, wire.Ack)
+            base = [(slot, await self._stable_used(n)) for slot, n in enumerate(self.nics)]
+            await self._used(wire.UsedPhase.BASELINE, base)
+            await self.dst_ch.send(wire.CaptureOn(self.mid))
+            await _expect(self.dst_ch, wire.Ack)
+        except (ChannelError, NetpassError, TimeoutError) as e:
+            self._fail(e)
+            await self._abort_agents()
+
+    async def _stable_used(self, nic: NicInfo) -> int:
+        last = await used_idx(self.src, nic)
+        for _ in range(100):
+            await asyncio.sleep(0.005)
+            now = await used_idx(self.src, nic)
+            if now == last:
+                return now
+            last = now
+        raise MigrationError(f"{nic.nic_id}: RX used-idx never settled")
+
+    async def _used(self, phase: wire.UsedPhase, entries: list[tuple[int, int]]) -> None:
+        await self.src_ch.send(wire.UsedIdx(self.mid, phase, tuple(entries)))
+
+    async def _start_migration(self) -> None:
+        await self.dst.cmd("migrate-incoming", uri=self.uri)
+        self.phase[0] = "precopy"
+        self.timing.migrate_start_ns = time.time_ns()
+        await self.src.cmd("migrate", uri=self.uri)
+        if self.postcopy:
+            await _wait_active(self.src)
+            self.timing.postcopy_start_ns = time.time_ns()
+            await self.src.cmd("migrate-start-postcopy")
+            self.phase[0] = "postcopy"
+
+    async def _watch(self) -> None:
+        while True:
+            info = await self.src.cmd("query-migrate")
+            _report_progress(self.progress, self.phase[0], info)
+            if self.live and self.phase[0] != "switch":
+                with contextlib.suppress(MigrationError):
+                    seen = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
+                    msg = wire.UsedIdx(self.mid, wire.UsedPhase.OBSERVE, tuple(seen))
+                    # The STOP may have come while QMP answered: phases only move forward.
+                    if self.live and self.phase[0] != "switch" and self.src_ch.conn.can_send(msg):
+                        try:
+                            await self.src_ch.send(msg)
+                        except (ChannelError, NetpassError) as e:
+                            self._fail(e)
+            await asyncio.sleep(0.1)
+
+    # 3. Switchover: QEMU stops the source by itself; the agents split and move the frames.
+    async def _switchover(self) -> bool:
+        ev = await self.src.wait_event(
+            lambda e: e.name == "STOP" or src_failed(e), self.timeout, what="the source to stop"
+        )
+        if ev.name != "STOP":
+            return False
+        self.phase[0] = "switch"
+        accounting = asyncio.create_task(self._account())
+        try:
+            loaded = await self._dst_loaded()
+        finally:
+            await accounting
+        if not loaded:
+            return False
+        await self.dst.cmd("cont")
+        resume = await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
+        self.timing.dst_resume_ns = resume.t_ns
+        if self.live:
+            try:
+                await self.dst_ch.send(wire.VmStarted(self.mid, resume.t_ns))
+            except (ChannelError, NetpassError) as e:
+                self._fail(e)
+        return True
+
+    async def _account(self) -> None:
+        if not self.live:
+            return
+        try:
+            await self._used(wire.UsedPhase.STOPPED, [])
+            await self.dst_ch.send(wire.Hold(self.mid))
+            final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
+            await self._used(wire.UsedPhase.FINAL, final)
+        except (ChannelError, NetpassError) as e:
+            self._fail(e)
+
+    async def _dst_loaded(self) -> bool:
+        return await dst_loaded(self.src, self.dst, self.postcopy, self.timeout)
+
+    # 4. The agents report; the migration finishes.
+    async def _finish(self) -> None:
+        if self.live:
+            try:
+                for side, ch in (("source", self.src_ch), ("destination", self.dst_ch)):
+                    self.counts[side] = {}
+                    end = await _expect(ch, wire.End, timeout=15, counts=self.counts[side])
+                    self.summaries[side] = end.nics
+                    await ch.send(wire.Ack(self.mid, wire.MsgType.END))
+            except (ChannelError, NetpassError, TimeoutError) as e:
+                self._fail(e)
+        end_ev = await self.src.wait_event(
+            lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
+            self.timeout,
+            what="migration to finish",
+        )
+        if end_ev.data["status"] != "completed":
+            raise MigrationError(f"migration {end_ev.data['status']}")
+        self.timing.completed_ns = end_ev.t_ns
+        self.phase[0] = "completed"
+        await _dst_completed(self.dst)
+
+    # 5. Failure after capture-on: the source VM runs again and gets its frames back.
+    async def _give_back(self) -> MigrationError:
+        self.phase[0] = "give-back"
+        if await _status(self.src) != "running":
+            await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
+        if self.live:
+            try:
+                await asyncio.sleep(0.02)
+                now = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
+                await self._used(wire.UsedPhase.RESUMED, now)
+            except (ChannelError, NetpassError) as e:
+                self._fail(e)
+        await self._abort_agents()
+        end = next(e for e in self.src.events if src_failed(e))
+        return MigrationError(
+            f"migration {end.data['status']}; the source VM runs again with the frames netpass held"
+        )
+
+    async def _abort_agents(self) -> None:
+        for ch in (self.src_ch, self.dst_ch):
+            with contextlib.suppress(ChannelError, NetpassError, TimeoutError):
+                if ch.conn.migration_id is not None:
+                    await ch.send(wire.Abort(self.mid, "migration failed"))
+                    await _expect(ch, wire.Ack, timeout=10)
+        self.live = False
+
+    def _report(self) -> None:
+        flat: dict[str, object] = {"agents": True}
+        src = {s.nic_id: s for s in self.summaries.get("source", ())}
+        dst = {s.nic_id: s for s in self.summaries.get("destination", ())}
+        flat["sent by the source agent"] = sum(s.frame_count for s in src.values())
+        flat["rescued"] = flat["sent by the source agent"]
+        flat["injected"] = sum(s.frame_count for s in dst.values())
+        if src and dst:
+            flat["digests match"] = all(
+                dst.get(k) is not None and dst[k].digest == s.digest for k, s in src.items()
+            )
+        for side, counts in self.counts.items():
+            for k, v in counts.items():
+                flat[f"{side} {k}"] = v
+        if self.error:
+            flat["error"] = self.error
+        self.timing.netpass = flat
+
+
+def _nic_filter(mid: Any, slot: int, n: NicInfo) -> wire.NicFilter:
+    f = n.rx_filter
+    flags = wire.NicFilterFlag(0)
+    if f.promiscuous:
+        flags |= wire.NicFilterFlag.PROMISCUOUS
+    if f.multicast_all:
+        flags |= wire.NicFilterFlag.ALL_MULTICAST
+    if f.unicast_all:
+        flags |= wire.NicFilterFlag.ALL_UNICAST
+    return wire.NicFilter(mid, slot, flags, tuple(sorted(f.multicast)), tuple(sorted(f.unicast)))
