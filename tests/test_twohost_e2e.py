@@ -6,7 +6,9 @@ import asyncio
 import dataclasses
 import os
 import signal
+import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +16,13 @@ import pytest
 
 from conftest import leftovers
 from netpass import lab, trial, wire
-from netpass.agent.channel import HandshakeError, connect
+from netpass.agent.channel import Channel, HandshakeError, connect
 from netpass.agent.tls import client_context, make_test_pki
+from netpass.analysis import analyze
 from netpass.cli import lab_driver
 from netpass.datapath import tc
 from netpass.errors import UsageError
+from netpass.results import MigrationTiming
 from netpass.twohost import AgentAddress, migrate_two_hosts
 
 
@@ -51,9 +55,9 @@ def _addr(st: lab.LabState, host: str, port_offset: int = 0) -> AgentAddress:
     return AgentAddress(st.host_ip(host), lab.AGENT_PORT + port_offset, netns=st.client_ns)
 
 
-def _tls(st: lab.LabState) -> tuple[Path, object]:
+def _ctx(st: lab.LabState) -> ssl.SSLContext:
     pki = st.run_dir / "pki"
-    return pki, client_context(
+    return client_context(
         pki / "client.crt", pki / "client.key", pki / "ca.crt", check_hostname=False
     )
 
@@ -68,6 +72,10 @@ def test_two_host_lossless(lab2: lab.LabState, postcopy: bool) -> None:
     assert s.sent > 1000 and s.lost == 0 and s.reordered == 0 and s.duplicates == 0
     assert n["sent by the source agent"] > 0  # the pause had traffic to rescue
     assert n["injected"] == n["sent by the source agent"] and n["digests match"] is True
+    # Both lab "hosts" share this machine's clock: the measured offset is ~0 within its bound.
+    assert abs(n["clock offset dst-src (ms)"]) <= n["pause uncertainty ± (ms)"] + 0.5
+    pause = run.timing.true_pause_ms
+    assert pause is not None and abs(n["pause corrected (ms)"] - pause) <= 1.0
     _tc_clean(lab.load(lab2.name))
 
 
@@ -94,7 +102,7 @@ def test_unreachable_agent_required_vs_preferred(lab2: lab.LabState) -> None:
     st = lab.load(lab2.name)
     lab.ensure_incoming(st, paused=True)
     s = st.status()
-    _, tls = _tls(st)
+    tls = _ctx(st)
     src = s["source"]
     dst = s["destination"]
     assert isinstance(src, dict) and isinstance(dst, dict)
@@ -102,8 +110,8 @@ def test_unreachable_agent_required_vs_preferred(lab2: lab.LabState) -> None:
     bad = dataclasses.replace(_addr(st, dst["host"]), port=lab.AGENT_PORT + 10)
     args = (src["qmp"], dst["qmp"], s["migration_uri"], good, bad, tls)
     with pytest.raises(UsageError, match="agent not usable"):
-        asyncio.run(migrate_two_hosts(*args, netpass="required"))  # type: ignore[arg-type]
-    timing = asyncio.run(migrate_two_hosts(*args, netpass="preferred"))  # type: ignore[arg-type]
+        asyncio.run(migrate_two_hosts(*args, netpass="required"))
+    timing = asyncio.run(migrate_two_hosts(*args, netpass="preferred"))
     assert timing.mode == "stock" and "agent not usable" in str(timing.netpass["error"])
     lab.migrated(st)
 
@@ -123,5 +131,95 @@ def test_source_agent_killed_watchdog_restores_the_tap(lab2: lab.LabState) -> No
         time.sleep(0.02)
     assert not tc.egress_filter_prios(tap, netns=ns), "watchdog did not sweep within 1 s"
     # A new agent sweeps at start and serves again.
+    lab.start_agents(st, hosts=host)
+    st.save()
+
+
+async def _connect(st: lab.LabState, host: str, role: wire.Role, port_offset: int = 0) -> Channel:
+    a = _addr(st, host, port_offset)
+    return await connect(a.host, a.port, _ctx(st), role, "test", netns=a.netns)
+
+
+def test_agent_bad_input_is_refused_and_it_keeps_serving(lab2: lab.LabState) -> None:
+    st = lab.load(lab2.name)
+    inc = lab.ensure_incoming(st, paused=True)
+    mac = bytes.fromhex(st.vm_mac(0).replace(":", ""))
+
+    async def scenario() -> None:
+        # A tap nobody has: the agent says why and stays usable on the same channel.
+        ch = await _connect(st, inc.host, wire.Role.ORCHESTRATOR)
+        mid = uuid.uuid4()
+        await ch.send(wire.Prepare(mid, "vm", (wire.NicSpec(0, "npnosuchtap", mac),)))
+        ev = await ch.recv()
+        assert isinstance(ev, wire.Abort) and "npnosuchtap" in ev.reason
+        await ch.send(wire.Ack(mid, wire.MsgType.ABORT))
+        # A real migration id on this (destination) agent, then a frame channel that sends
+        # frames for another MAC: refused, connection closed, nothing injected.
+        mid = uuid.uuid4()
+        await ch.send(wire.Prepare(mid, "vm", (wire.NicSpec(0, inc.taps[0], mac),)))
+        assert isinstance(await ch.recv(), wire.Prepared)
+        fr = await _connect(st, inc.host, wire.Role.SOURCE_AGENT, 1)
+        await fr.send(wire.Prepare(mid, "vm", (wire.NicSpec(0, "tapx", mac),)))
+        assert isinstance(await fr.recv(), wire.Prepared)
+        await fr.send(wire.CaptureOn(mid))
+        assert isinstance(await fr.recv(), wire.Ack)
+        bad = b"\x52\x54\x00\x99\x99\x99" + mac + b"\x08\x00" + bytes(46)
+        for msg in fr.conn.batch_frames(0, [wire.FrameRecord(bad)]):
+            await fr.send(msg)
+        ev = await fr.recv()
+        assert isinstance(ev, wire.Error | wire.ConnectionClosed), ev
+        assert "nothing of this batch is injected" in getattr(ev, "message", "")
+        # An unknown migration on the frame channel is refused too.
+        fr2 = await _connect(st, inc.host, wire.Role.SOURCE_AGENT, 1)
+        await fr2.send(wire.Prepare(uuid.uuid4(), "vm", (wire.NicSpec(0, "tapx", mac),)))
+        ev = await fr2.recv()
+        assert isinstance(ev, wire.Error) and "unknown migration" in ev.message
+        await ch.send(wire.Abort(mid, "test over"))
+        assert isinstance(await ch.recv(), wire.Ack)
+        await ch.close()
+
+    asyncio.run(scenario())
+    # Still serving: a migration through both agents works.
+    run = trial.run_trial(st, "np2", 500, lab_driver("netpass", False, None, None))
+    assert run.timing.netpass.get("error") is None and run.stats.lost == 0
+
+
+def test_source_agent_killed_mid_migration_migration_completes(lab2: lab.LabState) -> None:
+    """The source agent dies during precopy: the migration completes stock, the watchdog
+    restores the tap, the VM answers on the destination."""
+    st = lab.load(lab2.name)
+    lab.ensure_incoming(st, paused=True)
+    host = st.vm_host
+    agent_pid = st.agents[host]
+    s = st.status()
+    src, dst = s["source"], s["destination"]
+    assert isinstance(src, dict) and isinstance(dst, dict)
+
+    async def go() -> MigrationTiming:
+        task = asyncio.create_task(
+            migrate_two_hosts(
+                src["qmp"], dst["qmp"], str(s["migration_uri"]),
+                _addr(st, src["host"]), _addr(st, dst["host"]), _ctx(st),
+                max_bandwidth=20_000_000,
+            )
+        )  # fmt: skip
+        await asyncio.sleep(1.0)  # precopy of 128 MiB at 20 MB/s takes seconds
+        os.kill(agent_pid, signal.SIGKILL)
+        return await task
+
+    with trial.probe(st, 1000) as finish:
+        timing = asyncio.run(go())
+        time.sleep(0.5)
+        stats = analyze(finish())
+    lab.migrated(st)
+    assert "error" in timing.netpass
+    assert timing.completed_ns is not None
+    assert stats.received > 0
+    _tc_clean(st)
+    # The VM answers on its new host.
+    with trial.probe(st, 1000) as finish2:
+        time.sleep(0.5)
+        after = analyze(finish2())
+    assert after.sent > 100 and after.received == after.sent
     lab.start_agents(st, hosts=host)
     st.save()

@@ -20,6 +20,7 @@ from uuid import uuid4
 
 from netpass import wire
 from netpass.agent.channel import Channel, ChannelError, connect
+from netpass.agent.clock import ClockEstimate, estimate_offset
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
@@ -179,6 +180,7 @@ class TwoHostTimeline:
         self.live = False  # the agents take part (until a channel fails)
         self.phase = ["prepare"]
         self.summaries: dict[str, tuple[wire.NicSummary, ...]] = {}
+        self.clocks: tuple[ClockEstimate, ClockEstimate] | None = None
         self.counts: dict[str, dict[str, int]] = {}
 
     def _fail(self, e: BaseException) -> None:
@@ -188,6 +190,12 @@ class TwoHostTimeline:
 
     async def run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
+        # STOP is stamped by the source host's clock, RESUME by the destination's: measure how
+        # far apart they are (NTP style, through each agent) to correct the pause.
+        try:
+            self.clocks = (await estimate_offset(self.src_ch), await estimate_offset(self.dst_ch))
+        except (ChannelError, NetpassError, TimeoutError) as e:
+            raise UsageError(f"netpass agents do not answer: {e}") from e
         await self._prepare()
         failed: MigrationError | None = None
         try:
@@ -381,6 +389,18 @@ class TwoHostTimeline:
 
     def _report(self) -> None:
         flat: dict[str, object] = {"agents": True}
+        t = self.timing
+        if self.clocks is not None:
+            src_clock, dst_clock = self.clocks
+            offset = dst_clock.offset_ns - src_clock.offset_ns  # destination minus source
+            flat["clock offset dst-src (ms)"] = round(offset / 1e6, 3)
+            flat["pause uncertainty ± (ms)"] = round(
+                (src_clock.uncertainty_ns + dst_clock.uncertainty_ns) / 1e6, 3
+            )
+            if t.src_stop_ns and t.dst_resume_ns:
+                flat["pause corrected (ms)"] = round(
+                    (t.dst_resume_ns - offset - t.src_stop_ns) / 1e6, 3
+                )
         src = {s.nic_id: s for s in self.summaries.get("source", ())}
         dst = {s.nic_id: s for s in self.summaries.get("destination", ())}
         flat["sent by the source agent"] = sum(s.frame_count for s in src.values())
