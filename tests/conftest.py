@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from netpass import lab, netns
+from netpass.datapath import tc
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -45,3 +46,14 @@ def lab_up() -> Iterator[lab.LabState]:
     finally:
         lab.down(name)
         assert leftovers(name) == []
+
+
+def tc_clean(st: lab.LabState) -> None:
+    """No netpass redirect filter and no closed hold on any tap of the lab."""
+    for inst in st.instances:
+        for tap in inst.taps:
+            ns = st.host_ns(inst.host)
+            prios = tc.egress_filter_prios(tap, netns=ns)
+            assert not [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + 16], tap
+            if tc.has_hold(tap, netns=ns):
+                assert tc.Hold(tap, netns=ns).stats().qlen == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import needs_root, run_cli
+from conftest import needs_root, run_cli, tc_clean
 from netpass import lab, trial, vm
 from netpass.analysis import analyze
 from netpass.cli import lab_driver
@@ -22,17 +22,6 @@ from netpass.orchestrator import migrate_netpass
 from netpass.qmp import Qmp
 
 pytestmark = [needs_root, pytest.mark.e2e]
-
-
-def _tc_clean(st: lab.LabState) -> None:
-    """No redirect filter and no closed hold on any tap of the lab."""
-    for inst in st.instances:
-        for tap in inst.taps:
-            ns = st.host_ns(inst.host)
-            prios = tc.egress_filter_prios(tap, netns=ns)
-            assert not [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + 16], tap
-            if tc.has_hold(tap, netns=ns):
-                assert tc.Hold(tap, netns=ns).stats().qlen == 0
 
 
 def _ping_ok(st: lab.LabState, seconds: float = 0.5) -> None:
@@ -55,7 +44,7 @@ def test_lossless_switchover(lab_up: lab.LabState, postcopy: bool) -> None:
     assert n["rescued"] > 0 and n["injected"] == n["rescued"]  # the pause had traffic to rescue
     assert n["consumed"] + n["injected"] + n["returned"] + n["dropped"] == n["captured"]
     assert t.true_pause_ms is not None and t.true_pause_ms > 0
-    _tc_clean(st)
+    tc_clean(st)
     _ping_ok(st)
 
 
@@ -103,7 +92,7 @@ def test_cancel_during_switchover_gives_frames_back(
     monkeypatch.undo()
     assert _src_running(st) == "running"
     assert stats.lost == 0 and stats.duplicates == 0
-    _tc_clean(st)
+    tc_clean(st)
     _ping_ok(st)
 
 
@@ -127,7 +116,7 @@ def test_destination_killed_mid_migration(lab_up: lab.LabState) -> None:
     lab.stop_instance(st, dst_inst)
     assert _src_running(st) == "running"
     assert stats.lost == 0 and stats.duplicates == 0
-    _tc_clean(st)
+    tc_clean(st)
     _ping_ok(st)
 
 
@@ -154,7 +143,7 @@ def test_sigkill_then_cleanup_restores_the_tap(lab_up: lab.LabState) -> None:
     r = run_cli("cleanup", "--qmp", src)
     assert r.returncode == 0, r.stderr
     assert "deleted egress filter" in r.stdout
-    _tc_clean(st)
+    tc_clean(st)
     lab.stop_instance(st, inc)
     _ping_ok(st)
 
@@ -199,7 +188,7 @@ def test_bad_input_leaves_vm_untouched(lab_up: lab.LabState) -> None:
         asyncio.run(cancel())
     lab.stop_instance(st, inc)
     assert _src_running(st) == "running"
-    _tc_clean(st)
+    tc_clean(st)
     _ping_ok(st)
 
 
@@ -235,4 +224,4 @@ def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
         stats = analyze(finish())
     assert nic.counters.relayed > 500
     assert stats.lost == 0 and stats.duplicates == 0 and stats.reordered == 0
-    _tc_clean(st)
+    tc_clean(st)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftovers
+from conftest import leftovers, tc_clean
 from netpass import lab, trial, wire
 from netpass.agent.channel import Channel, HandshakeError, connect
 from netpass.agent.tls import client_context, make_test_pki
@@ -35,16 +35,6 @@ def lab2() -> Iterator[lab.LabState]:
     finally:
         lab.down(name)
         assert leftovers(name) == []
-
-
-def _tc_clean(st: lab.LabState) -> None:
-    for inst in st.instances:
-        for tap in inst.taps:
-            ns = st.host_ns(inst.host)
-            prios = tc.egress_filter_prios(tap, netns=ns)
-            assert not [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + 16], tap
-            if tc.has_hold(tap, netns=ns):
-                assert tc.Hold(tap, netns=ns).stats().qlen == 0
 
 
 def _status(st: lab.LabState) -> dict[str, object]:
@@ -76,7 +66,7 @@ def test_two_host_lossless(lab2: lab.LabState, postcopy: bool) -> None:
     assert abs(n["clock offset dst-src (ms)"]) <= n["pause uncertainty ± (ms)"] + 0.5
     pause = run.timing.true_pause_ms
     assert pause is not None and abs(n["pause corrected (ms)"] - pause) <= 1.0
-    _tc_clean(lab.load(lab2.name))
+    tc_clean(lab.load(lab2.name))
 
 
 def test_agent_refuses_a_peer_from_another_ca(lab2: lab.LabState, tmp_path: Path) -> None:
@@ -215,7 +205,7 @@ def test_source_agent_killed_mid_migration_migration_completes(lab2: lab.LabStat
     assert "error" in timing.netpass
     assert timing.completed_ns is not None
     assert stats.received > 0
-    _tc_clean(st)
+    tc_clean(st)
     # The VM answers on its new host.
     with trial.probe(st, 1000) as finish2:
         time.sleep(0.5)

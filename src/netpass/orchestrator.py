@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from netpass.discovery import discover, qemu_has_flag, used_idx
+from netpass.discovery import NicInfo, discover, qemu_has_flag, used_idx
 from netpass.errors import DatapathError, HostError, MigrationError, UsageError
 from netpass.qmp import Event, Qmp, is_event
 from netpass.results import MigrationTiming
@@ -311,6 +311,47 @@ async def _dst_postcopy_paused(dst: Qmp) -> None:
         await asyncio.sleep(0.0005)
 
 
+async def stable_used(q: Qmp, nic: NicInfo) -> int:
+    """The RX used-idx once it stops moving: frames QEMU read before the redirect may still
+    wait in its queue for guest buffers, so only a settled count is a baseline."""
+    last = await used_idx(q, nic)
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        now = await used_idx(q, nic)
+        if now == last:
+            return now
+        last = now
+    raise DatapathError(f"{nic.nic_id}: RX used-idx never settled")
+
+
+async def start_migration(
+    src: Qmp, dst: Qmp, uri: str, postcopy: bool, timing: MigrationTiming, phase: list[str]
+) -> None:
+    """Destination listens, source streams; postcopy switches as soon as the stream is active."""
+    await dst.cmd("migrate-incoming", uri=uri)
+    phase[0] = "precopy"
+    timing.migrate_start_ns = time.time_ns()
+    await src.cmd("migrate", uri=uri)
+    if postcopy:
+        await _wait_active(src)
+        timing.postcopy_start_ns = time.time_ns()
+        await src.cmd("migrate-start-postcopy")
+        phase[0] = "postcopy"
+
+
+async def wait_completed(src: Qmp, dst: Qmp, timing: MigrationTiming, timeout: float) -> None:
+    """The source reports the end; in postcopy the destination finishes pulling pages later."""
+    end = await src.wait_event(
+        lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
+        timeout,
+        what="migration to finish",
+    )
+    if end.data["status"] != "completed":
+        raise MigrationError(f"migration {end.data['status']}")
+    timing.completed_ns = end.t_ns
+    await _dst_completed(dst)
+
+
 # --- netpass mode ------------------------------------------------------------------------------
 
 
@@ -446,27 +487,10 @@ class NetpassTimeline:
                     self._fail_datapath(e2)
 
     async def _stable_used(self, p: Pair) -> int:
-        # Frames QEMU read before the redirect may still wait in its queue for guest buffers:
-        # the count is the baseline only once it stops moving.
-        last = await used_idx(self.src, p.src.nic)
-        for _ in range(100):
-            await asyncio.sleep(0.005)
-            now = await used_idx(self.src, p.src.nic)
-            if now == last:
-                return now
-            last = now
-        raise DatapathError(f"{p.src.nic.nic_id}: RX used-idx never settled")
+        return await stable_used(self.src, p.src.nic)
 
     async def _start_migration(self) -> None:
-        await self.dst.cmd("migrate-incoming", uri=self.uri)
-        self.phase[0] = "precopy"
-        self.timing.migrate_start_ns = time.time_ns()
-        await self.src.cmd("migrate", uri=self.uri)
-        if self.postcopy:
-            await _wait_active(self.src)
-            self.timing.postcopy_start_ns = time.time_ns()
-            await self.src.cmd("migrate-start-postcopy")
-            self.phase[0] = "postcopy"
+        await start_migration(self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase)
 
     async def _watch(self) -> None:
         """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
@@ -582,16 +606,8 @@ class NetpassTimeline:
                 self._fail_datapath(e)
 
     async def _finish(self) -> None:
-        end = await self.src.wait_event(
-            lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
-            self.timeout,
-            what="migration to finish",
-        )
-        if end.data["status"] != "completed":
-            raise MigrationError(f"migration {end.data['status']}")
-        self.timing.completed_ns = end.t_ns
+        await wait_completed(self.src, self.dst, self.timing, self.timeout)
         self.phase[0] = "completed"
-        await _dst_completed(self.dst)
         for p in self.pairs:
             c = p.src.counters
             c.injected = p.dst.injected

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import uuid4
@@ -24,20 +23,20 @@ from netpass.agent.clock import ClockEstimate, estimate_offset
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
-    FINAL_STATES,
     ProgressFn,
     _check_ready,
-    _dst_completed,
     _measure,
     _params,
     _report_progress,
     _sessions,
     _set_caps,
     _status,
-    _wait_active,
     dst_loaded,
     migrate_stock,
     src_failed,
+    stable_used,
+    start_migration,
+    wait_completed,
 )
 from netpass.qmp import Qmp, is_event
 from netpass.results import MigrationTiming
@@ -252,7 +251,7 @@ class TwoHostTimeline:
         try:
             await self.src_ch.send(wire.CaptureOn(self.mid))
             await _expect(self.src_ch, wire.Ack)
-            base = [(slot, await self._stable_used(n)) for slot, n in enumerate(self.nics)]
+            base = [(slot, await stable_used(self.src, n)) for slot, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.BASELINE, base)
             await self.dst_ch.send(wire.CaptureOn(self.mid))
             await _expect(self.dst_ch, wire.Ack)
@@ -260,29 +259,11 @@ class TwoHostTimeline:
             self._fail(e)
             await self._abort_agents()
 
-    async def _stable_used(self, nic: NicInfo) -> int:
-        last = await used_idx(self.src, nic)
-        for _ in range(100):
-            await asyncio.sleep(0.005)
-            now = await used_idx(self.src, nic)
-            if now == last:
-                return now
-            last = now
-        raise MigrationError(f"{nic.nic_id}: RX used-idx never settled")
-
     async def _used(self, phase: wire.UsedPhase, entries: list[tuple[int, int]]) -> None:
         await self.src_ch.send(wire.UsedIdx(self.mid, phase, tuple(entries)))
 
     async def _start_migration(self) -> None:
-        await self.dst.cmd("migrate-incoming", uri=self.uri)
-        self.phase[0] = "precopy"
-        self.timing.migrate_start_ns = time.time_ns()
-        await self.src.cmd("migrate", uri=self.uri)
-        if self.postcopy:
-            await _wait_active(self.src)
-            self.timing.postcopy_start_ns = time.time_ns()
-            await self.src.cmd("migrate-start-postcopy")
-            self.phase[0] = "postcopy"
+        await start_migration(self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase)
 
     async def _watch(self) -> None:
         while True:
@@ -350,16 +331,8 @@ class TwoHostTimeline:
                     await ch.send(wire.Ack(self.mid, wire.MsgType.END))
             except (ChannelError, NetpassError, TimeoutError) as e:
                 self._fail(e)
-        end_ev = await self.src.wait_event(
-            lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
-            self.timeout,
-            what="migration to finish",
-        )
-        if end_ev.data["status"] != "completed":
-            raise MigrationError(f"migration {end_ev.data['status']}")
-        self.timing.completed_ns = end_ev.t_ns
+        await wait_completed(self.src, self.dst, self.timing, self.timeout)
         self.phase[0] = "completed"
-        await _dst_completed(self.dst)
 
     # 5. Failure after capture-on: the source VM runs again and gets its frames back.
     async def _give_back(self) -> MigrationError:
