@@ -1,0 +1,67 @@
+"""The destination half's intake rules, without QEMU: budget, MAC check, filter mapping."""
+
+from __future__ import annotations
+
+import ssl
+from uuid import uuid4
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from netpass import wire
+from netpass.agent.host import DestSession, HostAgent, SessionError, _Nic, _nic_info, _rx_filter
+
+MAC = bytes.fromhex("525400aabb01")
+
+
+def _session(budget: int) -> tuple[HostAgent, DestSession]:
+    registry = CollectorRegistry()
+    host = HostAgent("test", ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), registry, budget)
+    spec = wire.NicSpec(0, "tapx", MAC)
+    nic = _Nic(spec, 1, _nic_info(spec, [3]))
+    return host, DestSession(uuid4(), "vm", [nic], host)
+
+
+def _frames(mid: object, n: int, size: int = 1000, dst: bytes = MAC) -> wire.Frames:
+    recs = tuple(
+        wire.FrameRecord(dst + bytes(6) + b"\x08\x00" + bytes(size - 14)) for _ in range(n)
+    )
+    return wire.Frames(mid, 0, 0, recs)  # type: ignore[arg-type]
+
+
+def test_budget_drops_the_newest_and_counts_them() -> None:
+    host, s = _session(budget=10_000)
+    s.on_frames(_frames(s.mid, 25))
+    assert len(s.inbox[0].frames) == 10 and s.buffered_bytes == 10_000
+    assert s.dropped_over_budget == 15
+    value = host.metrics.dropped.labels("over the frame budget")._value.get()
+    assert value == 15
+
+
+def test_frames_for_another_mac_are_refused_whole() -> None:
+    _, s = _session(budget=1 << 20)
+    batch = _frames(s.mid, 3)
+    bad = wire.FrameRecord(bytes.fromhex("525400999999") + bytes(6) + b"\x08\x00" + bytes(50))
+    mixed = wire.Frames(s.mid, 0, 0, (*batch.frames, bad))
+    with pytest.raises(SessionError, match="nothing of this batch is injected"):
+        s.on_frames(mixed)
+    assert len(s.inbox[0].frames) == 0  # not even the good ones before it
+    # Broadcast and multicast are owed too (the guest takes them).
+    s.on_frames(_frames(s.mid, 1, dst=b"\xff" * 6))
+    s.on_frames(_frames(s.mid, 1, dst=bytes.fromhex("01005e000001")))
+    assert len(s.inbox[0].frames) == 2
+
+
+def test_runt_frames_are_refused() -> None:
+    _, s = _session(budget=1 << 20)
+    with pytest.raises(SessionError):
+        s.on_frames(wire.Frames(s.mid, 0, 0, (wire.FrameRecord(MAC + b"\x00"),)))
+
+
+def test_nic_filter_maps_to_the_guest_rx_filter() -> None:
+    mcast = bytes.fromhex("01005e000001")
+    f = wire.NicFilter(uuid4(), 0, wire.NicFilterFlag.ALL_UNICAST, multicast=(mcast,), unicast=())
+    rx = _rx_filter(MAC, f)
+    assert rx.unicast_all and not rx.promiscuous and not rx.multicast_all
+    assert rx.accepts(mcast + bytes(8)) and not rx.accepts(bytes.fromhex("01005e000002") + bytes(8))
+    assert rx.accepts(bytes.fromhex("525400000099") + bytes(8))  # all unicast
