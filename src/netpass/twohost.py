@@ -383,6 +383,11 @@ class TwoHostTimeline:
             flat["digests match"] = all(
                 dst.get(k) is not None and dst[k].digest == s.digest for k, s in src.items()
             )
+        d = self.counts.get("destination", {})
+        if "rescued_injected_after_resume_us" in d:
+            flat["rescued injected after RESUME (ms)"] = d["rescued_injected_after_resume_us"] / 1e3
+        if "held" in d:
+            flat["held"] = d["held"]
         for side, counts in self.counts.items():
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v

@@ -302,6 +302,9 @@ class DestSession:
         self.source_ended = asyncio.Event()
         self.frames: Channel | None = None
         self.source_lost: str | None = None
+        self.resume_ns = 0
+        self.injected_ns: int | None = None  # when every rescued frame so far was in the tap
+        self.held = 0
         self._hold_t = 0.0
         self._wake = asyncio.Event()
 
@@ -339,7 +342,8 @@ class DestSession:
             box.frames.append(rec.data)
         self._wake.set()
 
-    def vm_started(self) -> None:
+    def vm_started(self, resume_ns: int) -> None:
+        self.resume_ns = resume_ns  # the destination's RESUME, on this host's clock
         for half in self.halves.values():
             half.set_pace(self._pace())
         self.started.set()
@@ -366,7 +370,10 @@ class DestSession:
                     injected[nic_id].update_many(wire.FrameRecord(f) for f in batch)
                     self.host.metrics.injected.inc(len(batch))
                     moved += len(batch)
-            if not moved:
+            if moved:
+                self.injected_ns = None
+            else:
+                self.injected_ns = self.injected_ns or time.time_ns()
                 if self.source_ended.is_set():
                     break
                 try:
@@ -375,7 +382,7 @@ class DestSession:
                     self.source_lost = "the source agent sent nothing for 30 s"
                     break
         for half in self.halves.values():
-            await asyncio.to_thread(half.release)
+            self.held += await asyncio.to_thread(half.release)
         return tuple(d.summary(nic_id) for nic_id, d in injected.items())
 
     async def discard(self) -> None:
@@ -387,7 +394,10 @@ class DestSession:
 
     def counters(self) -> tuple[tuple[str, int], ...]:
         out = [("dropped_over_budget", self.dropped_over_budget),
-               ("source_lost", int(self.source_lost is not None))]  # fmt: skip
+               ("source_lost", int(self.source_lost is not None)), ("held", self.held)]  # fmt: skip
+        if self.injected_ns is not None and self.resume_ns:
+            after_us = max(0, self.injected_ns - self.resume_ns) // 1000
+            out.append(("rescued_injected_after_resume_us", after_us))
         for nic_id, half in self.halves.items():
             out += [(f"nic{nic_id}.injected", half.injected),
                     (f"nic{nic_id}.flood_discarded", half.flood_discarded)]  # fmt: skip
@@ -486,7 +496,7 @@ class HostAgent:
                 elif isinstance(ev, wire.Hold) and dst is not None:
                     await dst.hold()
                 elif isinstance(ev, wire.VmStarted) and dst is not None:
-                    dst.vm_started()
+                    dst.vm_started(ev.started_ns)
                     if dst.frames is not None:
                         await dst.frames.send(wire.VmStarted(mid, time.time_ns()))
                     summaries = await dst.deliver()
