@@ -446,7 +446,9 @@ def test_hold_keeps_frames_and_releases_in_order(lab: Lab, kind: str, release: s
 
     t0 = time.monotonic()
     if release == "paced":
-        hold.open(pace_per_ms=20)
+        # 10/ms: the test's Python reader must keep a 1000-frame tap queue from filling even
+        # when the machine is busy (at 20/ms a 50 ms stall of the reader was enough).
+        hold.open(pace_per_ms=10)
     else:
         with pytest.raises(DatapathError, match="held frames"):
             tc.set_txqueuelen(TAP, n + 2000)
