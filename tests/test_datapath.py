@@ -536,6 +536,9 @@ def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:
     try:
         with iproute() as ipr:
             ipr.link("set", ifname="npdtaph", state="up")
+        # Still 5x smaller than the hold, but a busy machine may stall the Python reader for
+        # 200 ms without the tap dropping anything (at 1000 frames it once dropped some).
+        tc.set_txqueuelen("npdtaph", 4000)
         hold = tc.Hold("npdtaph", kind="tbf")
         hold.install_open()
         hold.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -215,3 +216,55 @@ def test_agent_killed_mid_migration_migration_completes(lab2: lab.LabState, side
     assert after.sent > 100 and after.received == after.sent
     lab.start_agents(st, hosts=host)
     st.save()
+
+
+def test_four_vms_at_once(lab2: lab.LabState) -> None:
+    """Four VMs migrate from host A to host B at the same time through the same two agents,
+    each under its own 1000 pps probe: nothing lost, reordered or duplicated in any."""
+    st = lab.load(lab2.name)
+    lab.ensure_incoming(st, paused=True)
+    s = st.status()
+    src, dst = s["source"], s["destination"]
+    assert isinstance(src, dict) and isinstance(dst, dict)
+    extras = [lab.add_vm(st, v) for v in (1, 2, 3)]
+    try:
+        lab.settle()
+        jobs = [(str(src["qmp"]), str(dst["qmp"]), str(s["migration_uri"]), st.vm_ip(0))]
+        jobs += [(x.src_qmp, x.dst_qmp, x.uri, x.ip) for x in extras]
+        a, b = _addr(st, src["host"]), _addr(st, dst["host"])
+
+        async def all_at_once() -> list[MigrationTiming | BaseException]:
+            return await asyncio.gather(
+                *(migrate_two_hosts(sq, dq, uri, a, b, _ctx(st)) for sq, dq, uri, _ in jobs),
+                return_exceptions=True,
+            )
+
+        with contextlib.ExitStack() as stack:
+            finishers = [stack.enter_context(trial.probe(st, 1000, target=ip)) for *_, ip in jobs]
+            time.sleep(0.5)
+            timings = asyncio.run(all_at_once())
+            time.sleep(0.5)
+            results = [analyze(f()) for f in finishers]
+        lab.migrated(st)
+        main = st.instance(st.vm_host, incoming=False)
+        serials = [Path(main.serial)] if main is not None else []
+        serials += [st.run_dir / f"x{x.v}{h}.serial" for x in extras for h in "ab"]
+        _xfail_if_a_guest_died(serials)
+        for timing, r, job in zip(timings, results, jobs, strict=True):
+            assert isinstance(timing, MigrationTiming), (job, timing)
+            n = timing.netpass
+            assert n.get("error") is None and n.get("digests match") is True, (job, n)
+            assert r.sent > 1000 and (r.lost, r.reordered, r.duplicates) == (0, 0, 0), (job, r)
+    finally:
+        for x in extras:
+            lab.remove_vm(st, x)
+    tc_clean(lab.load(lab2.name))
+
+
+def _xfail_if_a_guest_died(serials: list[Path]) -> None:
+    """The TCG lab guest sometimes dies with a double fault right after RESUME, with or without
+    netpass (docs/BENCHMARKS.md): that run says nothing about netpass."""
+    for serial in serials:
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+        if "Kernel panic" in text or "double fault" in text:
+            pytest.xfail(f"lab guest kernel died after migration under TCG ({serial.name})")

@@ -336,6 +336,62 @@ def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Ins
     return inst
 
 
+@dataclass
+class ExtraVm:
+    """Another VM on the lab's hosts (NIC 0's subnet), for concurrent migrations. Not part of
+    the lab state: `lab down` removes it with everything else in the namespaces."""
+
+    v: int
+    ip: str
+    mac: str
+    src_qmp: str
+    dst_qmp: str
+    uri: str
+    pids: list[int]
+
+
+def add_vm(st: LabState, v: int) -> ExtraVm:
+    """Boot VM number V (1-9) on the host running the lab VM, with an incoming -S QEMU on the
+    other host and its own migration port."""
+    if not 1 <= v <= 9:
+        raise UsageError("extra VM number must be 1-9")
+    src_host = st.vm_host
+    dst_host = "b" if src_host == "a" else "a"
+    mac, ip = f"52:54:00:4e:6{v}:01", f"{SUBNET}.0.{VM_HOST + v}"
+    image = guest.GuestImage(Path(st.kernel), Path(st.initrd), "")
+    qmps, pids = [], []
+    for host, incoming in ((src_host, False), (dst_host, True)):
+        tap, hns = f"tapx{v}{host}", st.host_ns(host)
+        run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
+        tc.prepare_tap(tap, netns=hns)
+        run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
+        spec = vm.VmSpec(
+            name=f"{st.name}-x{v}{host}",
+            netns=hns,
+            nics=[vm.Nic(tap, mac, f"{ip}/24")],
+            qmp_path=st.run_dir / f"x{v}{host}.qmp",
+            serial_path=st.run_dir / f"x{v}{host}.serial",
+            pidfile=st.run_dir / f"x{v}{host}.pid",
+            accel=st.accel,
+            incoming=incoming,
+            paused=incoming,
+        )
+        pids.append(vm.start(spec, image))
+        qmps.append(str(spec.qmp_path))
+        if not incoming:
+            vm.wait_ready(spec.serial_path, 90, pids[-1])
+    uri = f"tcp:{st.host_ip(dst_host)}:{MIGRATION_PORT + v}"
+    return ExtraVm(v, ip, mac, qmps[0], qmps[1], uri, pids)
+
+
+def remove_vm(st: LabState, x: ExtraVm) -> None:
+    for pid in x.pids:
+        if vm.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for host in "ab":
+        run(["ip", "link", "del", f"tapx{x.v}{host}"], netns=st.host_ns(host), check=False)
+
+
 def stop_instance(st: LabState, inst: Instance) -> None:
     vm.kill(inst.pid, inst.name)
     for tap in inst.taps:

@@ -77,8 +77,11 @@ class AnnounceSniffer:
 
 
 @contextlib.contextmanager
-def probe(st: lab.LabState, rate: int, nic: int = 0) -> Iterator[Callable[[], ProbeData]]:
-    """Run the ICMP probe against the VM; the yielded function stops it and returns its data."""
+def probe(
+    st: lab.LabState, rate: int, nic: int = 0, target: str | None = None
+) -> Iterator[Callable[[], ProbeData]]:
+    """Run the ICMP probe against the VM (or TARGET); the yielded function stops it and
+    returns its data."""
     from netpass.probe import read_probe
 
     out = Path(tempfile.mkdtemp(prefix="netpass-probe-")) / "probe.json"
@@ -92,7 +95,7 @@ def probe(st: lab.LabState, rate: int, nic: int = 0) -> Iterator[Callable[[], Pr
             "-m",
             "netpass.probe",
             "--target",
-            st.vm_ip(nic),
+            target or st.vm_ip(nic),
             "--rate",
             str(rate),
             "--duration",
