@@ -58,3 +58,22 @@ def test_library_entry_point() -> None:
     assert netpass.migrate is orchestrator.migrate
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = netpass.nothing  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["agent", "--listen", "nonsense", "--tls-cert", "a", "--tls-key", "b", "--tls-ca", "c"],
+         "expected HOST:PORT"),
+        (["agent", "--listen", "127.0.0.1:7000", "--tls-cert", "/nonexistent.pem",
+          "--tls-key", "b", "--tls-ca", "c"], "does not exist"),
+        (["migrate", "--src-qmp", "a", "--dst-qmp", "b", "--uri", "tcp:x:1",
+          "--src-agent", "10.0.0.1:7400"], "go together"),
+        (["migrate", "--src-qmp", "a", "--dst-qmp", "b", "--uri", "tcp:x:1",
+          "--src-agent", "10.0.0.1:7400", "--dst-agent", "10.0.0.2:7400"], "need --tls-cert"),
+    ],
+)  # fmt: skip
+def test_agent_options_bad_input(args: list[str], message: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode != 0 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

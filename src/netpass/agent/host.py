@@ -258,7 +258,8 @@ class SourceSession:
         out: list[tuple[str, int]] = []
         for nic_id, half in self.halves.items():
             for k, v in half.counters.to_dict().items():
-                if isinstance(v, int):
+                # "injected" and "held" happen on the destination host; it reports them.
+                if isinstance(v, int) and k not in ("injected", "held"):
                     out.append((f"nic{nic_id}.{k}", v))
             for reason, v in half.counters.dropped.items():
                 out.append((f"nic{nic_id}.dropped.{_slug(reason)}", v))
