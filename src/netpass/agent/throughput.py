@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Final
@@ -29,6 +30,7 @@ from netpass import wire
 from netpass.agent.channel import Channel, HandshakeError, connect
 from netpass.agent.server import AgentServer
 from netpass.agent.tls import TestPki, make_test_pki
+from netpass.datapath.netns import in_netns
 
 __all__ = ["FrameSink", "make_frames", "measure_throughput", "measure_throughput_async"]
 
@@ -96,8 +98,31 @@ async def _expect(ch: Channel, kind: type[wire.Message]) -> wire.Message:
     return ev
 
 
-async def _drive(port: int, pki: TestPki, frame_size: int, seconds: float, batch: int) -> Result:
-    ch = await connect("127.0.0.1", port, pki.client_context(), wire.Role.SOURCE_AGENT, "bench")
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the two ends run: the server on HOST inside SERVER_NETNS, the client inside
+    CLIENT_NETNS (None: this namespace). The default is both on 127.0.0.1 here."""
+
+    host: str = "127.0.0.1"
+    server_netns: str | None = None
+    client_netns: str | None = None
+
+
+LOOPBACK: Final = Endpoints()
+
+
+async def _drive(
+    port: int,
+    pki: TestPki,
+    frame_size: int,
+    seconds: float,
+    batch: int,
+    where: Endpoints = LOOPBACK,
+) -> Result:
+    ch = await connect(
+        where.host, port, pki.client_context(), wire.Role.SOURCE_AGENT, "bench",
+        netns=where.client_netns,
+    )  # fmt: skip
     try:
         mid = uuid4()
         nic = wire.NicSpec(0, "np-bench0", _SRC)
@@ -148,13 +173,13 @@ async def measure_throughput_async(
     return result
 
 
-def _server_main(pki_dir: str, pipe: Pipe) -> None:
+def _server_main(pki_dir: str, pipe: Pipe, where: Endpoints = LOOPBACK) -> None:
     # Child process: one DEST_AGENT server, report the port, serve one stream, report.
     async def main() -> None:
         pki = _pki_in(Path(pki_dir))
         sink = FrameSink()
         async with AgentServer(
-            "127.0.0.1", 0, pki.server_context(), lambda: sink, role=wire.Role.DEST_AGENT
+            where.host, 0, pki.server_context(), lambda: sink, role=wire.Role.DEST_AGENT
         ) as server:
             pipe.send(server.port)
             await sink.ended.wait()
@@ -162,7 +187,9 @@ def _server_main(pki_dir: str, pipe: Pipe) -> None:
                 await asyncio.sleep(0.01)
             pipe.send({"received": sink.frames, "receiver_cpu_s": round(sink.cpu_s, 3)})
 
-    asyncio.run(main())
+    # The event loop's sockets belong to the namespace of the thread that creates them.
+    with in_netns(where.server_netns):
+        asyncio.run(main())
 
 
 def _pki_in(d: Path) -> TestPki:
@@ -177,9 +204,15 @@ def _pki_in(d: Path) -> TestPki:
 
 
 def measure_throughput(
-    frame_size: int, seconds: float, *, batch: int = DEFAULT_BATCH, isolate: bool = True
+    frame_size: int,
+    seconds: float,
+    *,
+    batch: int = DEFAULT_BATCH,
+    isolate: bool = True,
+    where: Endpoints = LOOPBACK,
 ) -> Result:
-    """Stream ``frame_size``-byte frames for ``seconds`` over TLS on 127.0.0.1.
+    """Stream ``frame_size``-byte frames for ``seconds`` over TLS (on 127.0.0.1, or between
+    two namespaces as WHERE says).
 
     Returns frames_per_s, payload_gbit_s (frame bytes), wire_gbit_s (netpass messages,
     before TLS), and the CPU seconds each end spent from CAPTURE_ON to END (with
@@ -187,18 +220,18 @@ def measure_throughput(
     Runs its own event loop: call it from synchronous code.
     """
     with tempfile.TemporaryDirectory(prefix="netpass-tput-") as tmp:
-        pki = make_test_pki(tmp)
+        pki = make_test_pki(tmp, server_names=("localhost", "127.0.0.1", "::1", where.host))
         if not isolate:
             return asyncio.run(measure_throughput_async(frame_size, seconds, pki=pki, batch=batch))
         mp = multiprocessing.get_context("spawn")
         parent, child = mp.Pipe()
-        proc = mp.Process(target=_server_main, args=(tmp, child), daemon=True)
+        proc = mp.Process(target=_server_main, args=(tmp, child, where), daemon=True)
         proc.start()
         try:
             if not parent.poll(30):
                 raise HandshakeError("throughput server did not start within 30 s")
             port = int(parent.recv())
-            result = asyncio.run(_drive(port, pki, frame_size, seconds, batch))
+            result = asyncio.run(_drive(port, pki, frame_size, seconds, batch, where))
             if parent.poll(10):
                 result.update(parent.recv())
         finally:
@@ -207,16 +240,30 @@ def measure_throughput(
                 proc.kill()
                 proc.join()
     result["isolate"] = True
+    result["path"] = (
+        where.host
+        if where.server_netns is None
+        else (f"{where.client_netns} -> {where.server_netns} ({where.host})")
+    )
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    where = LOOPBACK
+    if "--lab" in args:
+        # Between the lab's host namespaces: client on host A, server on host B's address.
+        i = args.index("--lab")
+        from netpass import lab
+
+        st = lab.load(args[i + 1])
+        where = Endpoints(st.host_ip("b"), st.host_ns("b"), st.host_ns("a"))
+        del args[i : i + 2]
     if len(args) not in (2, 3):
-        print("usage: python -m netpass.agent.throughput FRAME_SIZE SECONDS [BATCH]")
+        print("usage: python -m netpass.agent.throughput FRAME_SIZE SECONDS [BATCH] [--lab NAME]")
         return 2
     batch = int(args[2]) if len(args) == 3 else DEFAULT_BATCH
-    res = measure_throughput(int(args[0]), float(args[1]), batch=batch, isolate=True)
+    res = measure_throughput(int(args[0]), float(args[1]), batch=batch, isolate=True, where=where)
     res["cpus"] = os.cpu_count() or 0
     print(json.dumps(res))
     return 0
