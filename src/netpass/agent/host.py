@@ -43,6 +43,7 @@ log = logging.getLogger("netpass.agent")
 DEFAULT_FRAME_BUDGET: Final = 256 << 20  # bytes of rescued frames one migration may buffer
 BROADCAST_OR_MULTICAST: Final = 1
 STREAM_BATCH: Final = 256
+BACKLOG_BURST_S: Final = 0.003  # FRAMES within this of the first are the stop's backlog
 SOURCE_END_TIMEOUT_S: Final = 30.0  # the destination stops waiting for the source's END
 
 
@@ -306,7 +307,7 @@ class DestSession:
         self.resume_ns = 0
         self.injected_ns: int | None = None  # when every rescued frame so far was in the tap
         self.held = 0
-        self._hold_t = 0.0
+        self._arrivals: list[tuple[float, int]] = []  # (monotonic time, frames) per FRAMES
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -319,7 +320,6 @@ class DestSession:
             await asyncio.to_thread(half.prepare)
 
     async def hold(self) -> None:
-        self._hold_t = time.monotonic()
         for half in self.halves.values():
             await asyncio.to_thread(half.close_and_flush)
 
@@ -334,6 +334,7 @@ class DestSession:
                     f"frame for {_mac_text(d[:6])} on NIC {msg.nic_id}, whose MAC is "
                     f"{_mac_text(n.spec.mac)}: nothing of this batch is injected"
                 )
+        self._arrivals.append((time.monotonic(), len(msg.frames)))
         for rec in msg.frames:
             if self.buffered_bytes + len(rec.data) > self.host.frame_budget:
                 self.dropped_over_budget += 1
@@ -351,10 +352,17 @@ class DestSession:
         self._wake.set()
 
     def _pace(self) -> float:
-        # Frames owed arrive at the rate they hit the source since the stop.
-        elapsed_ms = max(1.0, (time.monotonic() - self._hold_t) * 1000)
-        waiting = sum(len(b.frames) for b in self.inbox.values())
-        return max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR * waiting / elapsed_ms)
+        # The first FRAMES after the stop carry the backlog (frames relayed to the source guest
+        # that it never took, plus what arrived since the stop); after that the source agent
+        # streams frames as they arrive, so their rate is the arrival rate.
+        if not self._arrivals:
+            return CATCHUP_MIN_PER_MS
+        t0 = self._arrivals[0][0] + BACKLOG_BURST_S  # the backlog comes in one burst
+        later = sum(n for t, n in self._arrivals if t > t0)
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        if elapsed_ms < 5:
+            return CATCHUP_MIN_PER_MS
+        return max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR * later / elapsed_ms)
 
     async def deliver(self) -> tuple[wire.NicSummary, ...]:
         """Once the VM runs: inject in order as frames come, then release the hold."""
