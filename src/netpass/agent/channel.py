@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 from netpass import wire
 from netpass.agent.tls import peer_subject
@@ -47,6 +47,9 @@ CLOSE_TIMEOUT: Final = 2.0
 # Events a ping() may read on behalf of recv() while it waits for its PONG; beyond that the
 # peer is streaming and a clock estimate would be meaningless anyway.
 MAX_STASHED_EVENTS: Final = 64
+
+
+M = TypeVar("M", bound=wire.Message)
 
 
 class ChannelError(NetpassError):
@@ -231,6 +234,13 @@ class Channel:
                 event = await self._read_event()
                 if event is not None:
                     return event
+
+    async def expect(self, kind: type[M], timeout: float = 10.0) -> M:
+        """The next event, which must be a KIND message (ChannelError otherwise)."""
+        ev = await asyncio.wait_for(self.recv(), timeout)
+        if not isinstance(ev, kind):
+            raise ChannelError(f"expected {kind.__name__} from {self.peer_address}, got {ev!r}")
+        return ev
 
     async def _read_event(self) -> wire.Event | None:
         """Read until one event is decoded; None if it was handled here (PING, our PONGs)."""

@@ -19,7 +19,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Final
 from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter
@@ -170,9 +170,9 @@ class SourceSession:
         self.frames = ch
         specs = tuple(n.spec for n in self.nics.values())
         await ch.send(wire.Prepare(self.mid, self.vm, specs))
-        await _expect(ch, wire.Prepared)
+        await ch.expect(wire.Prepared)
         await ch.send(wire.CaptureOn(self.mid))
-        await _expect(ch, wire.Ack)
+        await ch.expect(wire.Ack)
 
     def used_idx(self, phase: wire.UsedPhase, entries: tuple[tuple[int, int], ...]) -> None:
         for nic_id, u in entries:
@@ -424,16 +424,6 @@ def _slug(reason: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in reason)[:40].strip("_") or "other"
 
 
-M = TypeVar("M", bound=wire.Message)
-
-
-async def _expect(ch: Channel, kind: type[M], timeout: float = 10.0) -> M:
-    ev = await asyncio.wait_for(ch.recv(), timeout)
-    if not isinstance(ev, kind):
-        raise SessionError(f"expected {kind.__name__}, got {type(ev).__name__}")
-    return ev
-
-
 # --- the agent -----------------------------------------------------------------------------
 class HostAgent:
     """Serves the orchestrator (control channel) and source agents (frame channel)."""
@@ -466,7 +456,7 @@ class HostAgent:
             nics = [self._nic(spec) for spec in prep.nics]
         except (DatapathError, HostError) as e:
             await ch.send(wire.Abort(mid, f"cannot prepare: {e}"[:1024]))
-            await _expect(ch, wire.Ack)
+            await ch.expect(wire.Ack)
             return
         # Both halves exist until CAPTURE_ON says which one this host is: a source agent may
         # open the frame channel (naming this migration) before our CAPTURE_ON arrives.
@@ -511,7 +501,7 @@ class HostAgent:
                     summaries = await dst.deliver()
                     await ch.send(wire.Counts(mid, dst.counters()))
                     await ch.send(wire.End(mid, summaries))
-                    await _expect(ch, wire.Ack)
+                    await ch.expect(wire.Ack)
                     outcome = "completed"
                     return
                 elif isinstance(ev, wire.Abort):

@@ -22,7 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
-from pathlib import Path
 from typing import Final
 from uuid import uuid4
 
@@ -91,13 +90,6 @@ def make_frames(count: int, frame_size: int, *, start: int = 0) -> list[wire.Fra
     return [wire.FrameRecord(head + (start + i).to_bytes(4, "big") + pad) for i in range(count)]
 
 
-async def _expect(ch: Channel, kind: type[wire.Message]) -> wire.Message:
-    ev = await ch.recv()
-    if not isinstance(ev, kind):
-        raise HandshakeError(f"expected {kind.__name__} from {ch.peer_address}, got {ev!r}")
-    return ev
-
-
 @dataclass(frozen=True)
 class Endpoints:
     """Where the two ends run: the server on HOST inside SERVER_NETNS, the client inside
@@ -127,9 +119,9 @@ async def _drive(
         mid = uuid4()
         nic = wire.NicSpec(0, "np-bench0", _SRC)
         await ch.send(wire.Prepare(mid, "bench", (nic,)))
-        await _expect(ch, wire.Prepared)
+        await ch.expect(wire.Prepared)
         await ch.send(wire.CaptureOn(mid))
-        await _expect(ch, wire.Ack)
+        await ch.expect(wire.Ack)
         pool = tuple(make_frames(batch, frame_size))
         sent = 0
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -138,7 +130,7 @@ async def _drive(
             await ch.send(wire.Frames(mid, 0, sent, pool))
             sent += batch
         await ch.send(wire.End(mid, ch.conn.frame_summaries()))
-        await _expect(ch, wire.Ack)  # everything arrived and matched its digest
+        await ch.expect(wire.Ack)  # everything arrived and matched its digest
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         wire_bytes = ch.stats.bytes_written
@@ -176,7 +168,7 @@ async def measure_throughput_async(
 def _server_main(pki_dir: str, pipe: Pipe, where: Endpoints = LOOPBACK) -> None:
     # Child process: one DEST_AGENT server, report the port, serve one stream, report.
     async def main() -> None:
-        pki = _pki_in(Path(pki_dir))
+        pki = TestPki.at(pki_dir)
         sink = FrameSink()
         async with AgentServer(
             where.host, 0, pki.server_context(), lambda: sink, role=wire.Role.DEST_AGENT
@@ -190,17 +182,6 @@ def _server_main(pki_dir: str, pipe: Pipe, where: Endpoints = LOOPBACK) -> None:
     # The event loop's sockets belong to the namespace of the thread that creates them.
     with in_netns(where.server_netns):
         asyncio.run(main())
-
-
-def _pki_in(d: Path) -> TestPki:
-    return TestPki(
-        ca_cert=d / "ca.crt",
-        ca_key=d / "ca.key",
-        server_cert=d / "server.crt",
-        server_key=d / "server.key",
-        client_cert=d / "client.crt",
-        client_key=d / "client.key",
-    )
 
 
 def measure_throughput(
