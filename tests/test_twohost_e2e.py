@@ -10,12 +10,13 @@ import signal
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import leftovers, tc_clean
+from faultproxy import FaultProxy
 from netpass import lab, trial, wire
 from netpass.agent.channel import Channel, HandshakeError, connect
 from netpass.agent.tls import client_context, make_test_pki
@@ -23,6 +24,7 @@ from netpass.analysis import analyze
 from netpass.cli import lab_driver
 from netpass.datapath import tc
 from netpass.errors import UsageError
+from netpass.orchestrator import Progress
 from netpass.results import MigrationTiming
 from netpass.twohost import AgentAddress, migrate_two_hosts
 
@@ -268,3 +270,100 @@ def _xfail_if_a_guest_died(serials: list[Path]) -> None:
         text = serial.read_text(errors="replace") if serial.exists() else ""
         if "Kernel panic" in text or "double fault" in text:
             pytest.xfail(f"lab guest kernel died after migration under TCG ({serial.name})")
+
+
+FAULTS = [
+    ("kill", "source", "switch"),
+    ("kill", "destination", "switch"),
+    ("kill", "destination", "deliver"),
+    ("cut", "control", "switch"),
+    ("cut", "frames", "switch"),
+    ("cut", "frames", "deliver"),
+    ("tls", "control", "switch"),
+    ("tls", "frames", "switch"),
+]
+
+
+@pytest.mark.parametrize("fault,target,phase", FAULTS, ids=["-".join(f) for f in FAULTS])
+def test_channel_fault_during_switchover(
+    lab2: lab.LabState, fault: str, target: str, phase: str
+) -> None:
+    """The fault matrix: an agent killed, a connection reset, or a TLS record corrupted, at the
+    source's STOP ('switch') or right after the destination's RESUME ('deliver'). The migration
+    completes, the cause is reported, no tc object is left, the VM answers on its new host."""
+    st = lab.load(lab2.name)
+    dead = "".join(h for h, pid in st.agents.items() if not _alive(pid))
+    if dead:  # an earlier case failed before it restarted the agent it killed
+        lab.start_agents(st, hosts=dead)
+    lab.ensure_incoming(st, paused=True)
+    s = st.status()
+    src, dst = s["source"], s["destination"]
+    assert isinstance(src, dict) and isinstance(dst, dict)
+    # The destination agent is reached through a proxy on its host: control on port+10, frames
+    # (the source agent's PEER address) on port+11.
+    dst_addr = _addr(st, dst["host"], port_offset=10)
+    hit: list[str] = []
+
+    async def go() -> MigrationTiming:
+        proxies = [
+            FaultProxy(st.host_ns(dst["host"]), st.host_ip(dst["host"]), dst_addr.port + k,
+                       lab.AGENT_PORT + k)
+            for k in (0, 1)
+        ]  # fmt: skip
+        control, frames = proxies
+
+        def on_progress(p: Progress) -> None:
+            if p.phase != phase or hit:
+                return
+            hit.append(p.phase)
+            if fault == "kill":
+                os.kill(st.agents[src["host"] if target == "source" else dst["host"]], 9)
+            else:
+                proxy = control if target == "control" else frames
+                proxy.cut() if fault == "cut" else proxy.corrupt()
+
+        async with control, frames:
+            return await migrate_two_hosts(
+                src["qmp"], dst["qmp"], str(s["migration_uri"]),
+                _addr(st, src["host"]), dst_addr, _ctx(st), progress=on_progress,
+            )  # fmt: skip
+
+    with trial.probe(st, 1000) as finish:
+        timing = asyncio.run(go())
+        time.sleep(0.3)
+        finish()
+    lab.migrated(st)
+    assert hit == [phase]
+    assert timing.completed_ns is not None
+    assert "error" in timing.netpass, timing.netpass
+    error = str(timing.netpass["error"])
+    print(f"FAULT {fault} {target} at {phase}: {error}")  # the fault matrix, with pytest -s
+    assert "source agent" in error or "destination agent" in error, error
+    if fault == "kill":
+        host = src["host"] if target == "source" else dst["host"]
+        lab.start_agents(st, hosts=host)
+    _eventually(lambda: tc_clean(st), 2.0)
+    with trial.probe(st, 1000) as finish2:
+        time.sleep(0.5)
+        after = analyze(finish2())
+    assert after.sent > 100 and after.received == after.sent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+
+
+def _eventually(check: Callable[[], None], within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -118,9 +118,27 @@ def _report_progress(progress: ProgressFn | None, phase: str, info: dict[str, An
         )
 
 
-async def _watch_progress(src: Qmp, progress: ProgressFn | None, phase: list[str]) -> None:
+class Phase:
+    """Where the timeline is. A change is reported at once, so a progress display (or a caller's
+    hook) sees 'switch' when the source stops, not at the next 100 ms poll."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.name = "prepare"
+        self.progress = progress
+        self.info: dict[str, Any] = {}  # the last query-migrate answer
+
+    def enter(self, name: str) -> None:
+        self.name = name
+        _report_progress(self.progress, name, self.info)
+
+    def poll(self, info: dict[str, Any]) -> None:
+        self.info = info
+        _report_progress(self.progress, self.name, info)
+
+
+async def _watch_progress(src: Qmp, phase: Phase) -> None:
     while True:
-        _report_progress(progress, phase[0], await src.cmd("query-migrate"))
+        phase.poll(await src.cmd("query-migrate"))
         await asyncio.sleep(0.1)
 
 
@@ -175,7 +193,7 @@ async def _stock_timeline(
     timeout: float,
 ) -> MigrationTiming:
     timing = MigrationTiming(mode="stock", postcopy=postcopy)
-    phase = ["prepare"]
+    phase = Phase(progress)
     await _check_ready(src, dst)
 
     # 1. Capabilities on both sides (postcopy must be enabled on both before 'migrate').
@@ -185,10 +203,10 @@ async def _stock_timeline(
 
     # 2. Destination listens, source starts streaming.
     await dst.cmd("migrate-incoming", uri=uri)
-    phase[0] = "precopy"
+    phase.enter("precopy")
     timing.migrate_start_ns = time.time_ns()
     await src.cmd("migrate", uri=uri)
-    watcher = asyncio.create_task(_watch_progress(src, progress, phase))
+    watcher = asyncio.create_task(_watch_progress(src, phase))
     try:
         # 3. Postcopy: switch as soon as the stream is active (an idle guest would otherwise
         #    converge in precopy before postcopy ever starts).
@@ -196,7 +214,7 @@ async def _stock_timeline(
             await _wait_active(src)
             timing.postcopy_start_ns = time.time_ns()
             await src.cmd("migrate-start-postcopy")
-            phase[0] = "postcopy"
+            phase.enter("postcopy")
 
         # 4. QEMU stops the source by itself when it converges; wait for the end.
         end = await src.wait_event(
@@ -207,7 +225,7 @@ async def _stock_timeline(
         if end.data["status"] != "completed":
             raise MigrationError(f"migration {end.data['status']}")
         timing.completed_ns = end.t_ns
-        phase[0] = "completed"
+        phase.enter("completed")
         first = await dst.wait_event(
             lambda e: e.name == "RESUME" or is_event("MIGRATION", status="completed")(e),
             60,
@@ -325,18 +343,18 @@ async def stable_used(q: Qmp, nic: NicInfo) -> int:
 
 
 async def start_migration(
-    src: Qmp, dst: Qmp, uri: str, postcopy: bool, timing: MigrationTiming, phase: list[str]
+    src: Qmp, dst: Qmp, uri: str, postcopy: bool, timing: MigrationTiming, phase: Phase
 ) -> None:
     """Destination listens, source streams; postcopy switches as soon as the stream is active."""
     await dst.cmd("migrate-incoming", uri=uri)
-    phase[0] = "precopy"
+    phase.enter("precopy")
     timing.migrate_start_ns = time.time_ns()
     await src.cmd("migrate", uri=uri)
     if postcopy:
         await _wait_active(src)
         timing.postcopy_start_ns = time.time_ns()
         await src.cmd("migrate-start-postcopy")
-        phase[0] = "postcopy"
+        phase.enter("postcopy")
 
 
 async def wait_completed(src: Qmp, dst: Qmp, timing: MigrationTiming, timeout: float) -> None:
@@ -412,7 +430,7 @@ class NetpassTimeline:
         self.timing = MigrationTiming(mode="netpass", postcopy=postcopy)
         self.pairs: list[Pair] = []
         self.error: str | None = None
-        self.phase = ["prepare"]
+        self.phase = Phase(progress)
         self.injected_ns: int | None = None  # when the last rescued frame was injected
 
     def _fail_datapath(self, e: BaseException) -> None:
@@ -496,8 +514,8 @@ class NetpassTimeline:
         """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
         while True:
             info = await self.src.cmd("query-migrate")
-            _report_progress(self.progress, self.phase[0], info)
-            if info.get("status") in ("active", "postcopy-active") and self.phase[0] != "switch":
+            self.phase.poll(info)
+            if info.get("status") in ("active", "postcopy-active") and self.phase.name != "switch":
                 for p in self.pairs:
                     with contextlib.suppress(MigrationError):
                         p.src.observe_used(await used_idx(self.src, p.src.nic))
@@ -518,7 +536,7 @@ class NetpassTimeline:
         )
         if ev.name != "STOP":
             return False
-        self.phase[0] = "switch"
+        self.phase.enter("switch")
         for p in self.pairs:
             p.src.stop_relay()  # a stopped guest takes nothing more
         side_work = asyncio.gather(self._account(), self._flush_destination())
@@ -576,7 +594,7 @@ class NetpassTimeline:
 
     # 4. Destination: rescued frames first (bypass skips the closed hold), then the hold opens.
     async def _deliver(self) -> None:
-        self.phase[0] = "deliver"
+        self.phase.enter("deliver")
         for p in self.pairs:
             p.dst.set_pace(p.src.catchup_per_ms())
         deadline = time.monotonic() + RESCUE_DEADLINE_S
@@ -607,7 +625,7 @@ class NetpassTimeline:
 
     async def _finish(self) -> None:
         await wait_completed(self.src, self.dst, self.timing, self.timeout)
-        self.phase[0] = "completed"
+        self.phase.enter("completed")
         for p in self.pairs:
             c = p.src.counters
             c.injected = p.dst.injected
@@ -617,7 +635,7 @@ class NetpassTimeline:
 
     # 5. Failure or cancel after capture-on: the source VM runs again, frames go back to it.
     async def _give_back(self) -> MigrationError:
-        self.phase[0] = "give-back"
+        self.phase.enter("give-back")
         if await _status(self.src) != "running":
             await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
         for p in self.pairs:

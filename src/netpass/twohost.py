@@ -23,11 +23,11 @@ from netpass.agent.clock import ClockEstimate, estimate_offset
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
+    Phase,
     ProgressFn,
     _check_ready,
     _measure,
     _params,
-    _report_progress,
     _sessions,
     _set_caps,
     _status,
@@ -116,7 +116,7 @@ async def migrate_two_hosts(
     try:
         async with _sessions(src_qmp, dst_qmp) as (src, dst):
             tl = TwoHostTimeline(src, dst, uri, src_ch, dst_ch, dst_agent, postcopy, params)
-            tl.progress, tl.timeout = progress, timeout
+            tl.phase.progress, tl.timeout = progress, timeout
             return await tl.run()
     finally:
         for ch in (src_ch, dst_ch):
@@ -138,19 +138,30 @@ async def _agent(addr: AgentAddress, tls: ssl.SSLContext) -> Channel:
 
 
 async def _expect(
-    ch: Channel, kind: type[M], timeout: float = 30.0, counts: dict[str, int] | None = None
+    ch: Channel,
+    kind: type[M],
+    who: str,
+    timeout: float = 30.0,
+    counts: dict[str, int] | None = None,
 ) -> M:
-    """The next message of KIND from the agent (COUNTS go into COUNTS)."""
+    """The next message of KIND from the WHO ('source'/'destination') agent; COUNTS go into
+    COUNTS. Anything else ends the channel with an error that names the agent."""
+    deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        ev = await asyncio.wait_for(ch.recv(), timeout)
+        try:
+            ev = await asyncio.wait_for(ch.recv(), deadline - asyncio.get_running_loop().time())
+        except TimeoutError:
+            raise ChannelError(f"{who} agent: no {kind.__name__} within {timeout:g} s") from None
+        except (ChannelError, NetpassError) as e:
+            raise ChannelError(f"{who} agent: {e}") from e
         if isinstance(ev, kind):
             return ev
         if isinstance(ev, wire.Abort):
             with contextlib.suppress(NetpassError, ChannelError):
                 await ch.send(wire.Ack(ev.migration_id, wire.MsgType.ABORT))
-            raise ChannelError(f"agent {ch.peer_name} refused: {ev.reason}")
+            raise ChannelError(f"{who} agent aborted: {ev.reason}")
         if isinstance(ev, wire.Error | wire.ConnectionClosed | wire.Bye):
-            raise ChannelError(f"agent {ch.peer_name} closed the channel: {ev}")
+            raise ChannelError(f"{who} agent closed the channel: {ev}")
         if isinstance(ev, wire.Counts) and counts is not None:
             counts.update(ev.counters)
 
@@ -170,14 +181,13 @@ class TwoHostTimeline:
         self.src, self.dst, self.uri = src, dst, uri
         self.src_ch, self.dst_ch, self.dst_agent = src_ch, dst_ch, dst_agent
         self.postcopy, self.params = postcopy, params
-        self.progress: ProgressFn | None = None
         self.timeout = 300.0
         self.timing = MigrationTiming(mode="netpass", postcopy=postcopy)
         self.mid = uuid4()
         self.nics: list[NicInfo] = []
         self.error: str | None = None
         self.live = False  # the agents take part (until a channel fails)
-        self.phase = ["prepare"]
+        self.phase = Phase(None)
         self.summaries: dict[str, tuple[wire.NicSummary, ...]] = {}
         self.clocks: tuple[ClockEstimate, ClockEstimate] | None = None
         self.counts: dict[str, dict[str, int]] = {}
@@ -186,6 +196,14 @@ class TwoHostTimeline:
         self.live = False
         if self.error is None:
             self.error = str(e) or type(e).__name__
+
+    async def _send(self, who: str, msg: wire.Message) -> None:
+        """Send to the WHO ('source'/'destination') agent; a failure names that agent."""
+        ch = self.src_ch if who == "source" else self.dst_ch
+        try:
+            await ch.send(msg)
+        except (ChannelError, NetpassError) as e:
+            raise ChannelError(f"{who} agent: {e}") from e
 
     async def run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
@@ -231,14 +249,14 @@ class TwoHostTimeline:
             self.nics.append(n)
         vm = str((await self.src.cmd("query-name")).get("name") or "vm")[:255]
         try:
-            await self.src_ch.send(wire.Prepare(self.mid, vm, tuple(src_specs)))
-            await self.dst_ch.send(wire.Prepare(self.mid, vm, tuple(dst_specs)))
-            await _expect(self.src_ch, wire.Prepared)
-            await _expect(self.dst_ch, wire.Prepared)
+            await self._send("source", wire.Prepare(self.mid, vm, tuple(src_specs)))
+            await self._send("destination", wire.Prepare(self.mid, vm, tuple(dst_specs)))
+            await _expect(self.src_ch, wire.Prepared, "source")
+            await _expect(self.dst_ch, wire.Prepared, "destination")
             for slot, n in enumerate(self.nics):
-                await self.src_ch.send(_nic_filter(self.mid, slot, n))
+                await self._send("source", _nic_filter(self.mid, slot, n))
             a = self.dst_agent
-            await self.src_ch.send(wire.Peer(self.mid, a.host, a.frame_port, a.server_name))
+            await self._send("source", wire.Peer(self.mid, a.host, a.frame_port, a.server_name))
         except (ChannelError, TimeoutError) as e:
             raise UsageError(f"netpass agents could not prepare the migration: {e}") from e
         self.live = True
@@ -249,18 +267,18 @@ class TwoHostTimeline:
     # 2. Capture on at the source, the relay's baseline, the destination armed.
     async def _capture_on(self) -> None:
         try:
-            await self.src_ch.send(wire.CaptureOn(self.mid))
-            await _expect(self.src_ch, wire.Ack)
+            await self._send("source", wire.CaptureOn(self.mid))
+            await _expect(self.src_ch, wire.Ack, "source")
             base = [(slot, await stable_used(self.src, n)) for slot, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.BASELINE, base)
-            await self.dst_ch.send(wire.CaptureOn(self.mid))
-            await _expect(self.dst_ch, wire.Ack)
+            await self._send("destination", wire.CaptureOn(self.mid))
+            await _expect(self.dst_ch, wire.Ack, "destination")
         except (ChannelError, NetpassError, TimeoutError) as e:
             self._fail(e)
             await self._abort_agents()
 
     async def _used(self, phase: wire.UsedPhase, entries: list[tuple[int, int]]) -> None:
-        await self.src_ch.send(wire.UsedIdx(self.mid, phase, tuple(entries)))
+        await self._send("source", wire.UsedIdx(self.mid, phase, tuple(entries)))
 
     async def _start_migration(self) -> None:
         await start_migration(self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase)
@@ -268,15 +286,15 @@ class TwoHostTimeline:
     async def _watch(self) -> None:
         while True:
             info = await self.src.cmd("query-migrate")
-            _report_progress(self.progress, self.phase[0], info)
-            if self.live and self.phase[0] != "switch":
+            self.phase.poll(info)
+            if self.live and self.phase.name != "switch":
                 with contextlib.suppress(MigrationError):
                     seen = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
                     msg = wire.UsedIdx(self.mid, wire.UsedPhase.OBSERVE, tuple(seen))
                     # The STOP may have come while QMP answered: phases only move forward.
-                    if self.live and self.phase[0] != "switch" and self.src_ch.conn.can_send(msg):
+                    if self.live and self.phase.name != "switch" and self.src_ch.conn.can_send(msg):
                         try:
-                            await self.src_ch.send(msg)
+                            await self._send("source", msg)
                         except (ChannelError, NetpassError) as e:
                             self._fail(e)
             await asyncio.sleep(0.1)
@@ -288,7 +306,7 @@ class TwoHostTimeline:
         )
         if ev.name != "STOP":
             return False
-        self.phase[0] = "switch"
+        self.phase.enter("switch")
         accounting = asyncio.create_task(self._account())
         try:
             loaded = await self._dst_loaded()
@@ -301,9 +319,10 @@ class TwoHostTimeline:
         self.timing.dst_resume_ns = resume.t_ns
         if self.live:
             try:
-                await self.dst_ch.send(wire.VmStarted(self.mid, resume.t_ns))
+                await self._send("destination", wire.VmStarted(self.mid, resume.t_ns))
             except (ChannelError, NetpassError) as e:
                 self._fail(e)
+        self.phase.enter("deliver")
         return True
 
     async def _account(self) -> None:
@@ -311,7 +330,7 @@ class TwoHostTimeline:
             return
         try:
             await self._used(wire.UsedPhase.STOPPED, [])
-            await self.dst_ch.send(wire.Hold(self.mid))
+            await self._send("destination", wire.Hold(self.mid))
             final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.FINAL, final)
         except (ChannelError, NetpassError) as e:
@@ -326,17 +345,17 @@ class TwoHostTimeline:
             try:
                 for side, ch in (("source", self.src_ch), ("destination", self.dst_ch)):
                     self.counts[side] = {}
-                    end = await _expect(ch, wire.End, timeout=15, counts=self.counts[side])
+                    end = await _expect(ch, wire.End, side, timeout=15, counts=self.counts[side])
                     self.summaries[side] = end.nics
-                    await ch.send(wire.Ack(self.mid, wire.MsgType.END))
+                    await self._send(side, wire.Ack(self.mid, wire.MsgType.END))
             except (ChannelError, NetpassError, TimeoutError) as e:
                 self._fail(e)
         await wait_completed(self.src, self.dst, self.timing, self.timeout)
-        self.phase[0] = "completed"
+        self.phase.enter("completed")
 
     # 5. Failure after capture-on: the source VM runs again and gets its frames back.
     async def _give_back(self) -> MigrationError:
-        self.phase[0] = "give-back"
+        self.phase.enter("give-back")
         if await _status(self.src) != "running":
             await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
         if self.live:
@@ -353,11 +372,11 @@ class TwoHostTimeline:
         )
 
     async def _abort_agents(self) -> None:
-        for ch in (self.src_ch, self.dst_ch):
+        for who, ch in (("source", self.src_ch), ("destination", self.dst_ch)):
             with contextlib.suppress(ChannelError, NetpassError, TimeoutError):
                 if ch.conn.migration_id is not None:
-                    await ch.send(wire.Abort(self.mid, "migration failed"))
-                    await _expect(ch, wire.Ack, timeout=10)
+                    await self._send(who, wire.Abort(self.mid, "migration failed"))
+                    await _expect(ch, wire.Ack, who, timeout=10)
         self.live = False
 
     def _report(self) -> None:

@@ -44,6 +44,7 @@ DEFAULT_FRAME_BUDGET: Final = 256 << 20  # bytes of rescued frames one migration
 BROADCAST_OR_MULTICAST: Final = 1
 STREAM_BATCH: Final = 256
 BACKLOG_BURST_S: Final = 0.003  # FRAMES within this of the first are the stop's backlog
+END_ACK_TIMEOUT_S: Final = 10.0  # the source stops waiting for the destination's ACK(END)
 SOURCE_END_TIMEOUT_S: Final = 30.0  # the destination stops waiting for the source's END
 
 
@@ -213,6 +214,9 @@ class SourceSession:
                         moved += len(records)
                 if moved:
                     continue
+                if listener.done():  # the destination agent went away: say why, now
+                    listener.result()
+                    raise SessionError("frame channel ended before END")
                 if self._peer_started.is_set():
                     deadline = deadline or time.monotonic() + RESCUE_DEADLINE_S
                     quiet = all(h.quiet_for() >= QUIET_S for h in self.halves.values())
@@ -220,7 +224,13 @@ class SourceSession:
                         break
                 await asyncio.sleep(0.001)
             await ch.send(wire.End(self.mid, ch.conn.frame_summaries()))
-            await asyncio.wait_for(self._end_acked.wait(), 10)
+            await asyncio.wait({listener}, timeout=END_ACK_TIMEOUT_S)
+            if not self._end_acked.is_set():
+                if listener.done():
+                    listener.result()
+                raise SessionError(
+                    f"destination agent did not acknowledge END within {END_ACK_TIMEOUT_S:g} s"
+                )
             self.done = True
         finally:
             listener.cancel()
