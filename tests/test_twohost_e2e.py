@@ -230,7 +230,6 @@ def test_four_vms_at_once(lab2: lab.LabState) -> None:
     assert isinstance(src, dict) and isinstance(dst, dict)
     extras = [lab.add_vm(st, v) for v in (1, 2, 3)]
     try:
-        lab.settle()
         jobs = [(str(src["qmp"]), str(dst["qmp"]), str(s["migration_uri"]), st.vm_ip(0))]
         jobs += [(x.src_qmp, x.dst_qmp, x.uri, x.ip) for x in extras]
         a, b = _addr(st, src["host"]), _addr(st, dst["host"])

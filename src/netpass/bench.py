@@ -234,7 +234,13 @@ def run_bench(
                 if i >= c.runs:
                     continue
                 done += 1
-                lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
+                # One warmed-up guest goes back and forth between the hosts; a new one only
+                # when it died (lab.warm_up says why a guest's first migration is avoided).
+                if lab.vm_running(st):
+                    lab.ensure_incoming(st, paused=(c.mode == "netpass"))
+                else:
+                    console.print("the lab VM is gone: booting a new one", highlight=False)
+                    lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
                 rec = trial.run_trial(st, c.label, c.rate, driver_for(c))
                 results[c].append(rec)
                 console.print(
