@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import ssl
 import time
 import uuid
@@ -23,6 +24,7 @@ from netpass.agent.tls import client_context, make_test_pki
 from netpass.analysis import analyze
 from netpass.cli import lab_driver
 from netpass.datapath import tc
+from netpass.datapath.netns import in_netns
 from netpass.errors import UsageError
 from netpass.orchestrator import Progress
 from netpass.results import MigrationTiming
@@ -71,6 +73,32 @@ def test_two_host_lossless(lab2: lab.LabState, postcopy: bool) -> None:
     pause = run.timing.true_pause_ms
     assert pause is not None and abs(n["pause corrected (ms)"] - pause) <= 1.0
     tc_clean(lab.load(lab2.name))
+    # The destination agent's /metrics counts what it did, frame channel included.
+    dst_host = lab.load(lab2.name).vm_host
+    m = _metrics(st.host_ns(dst_host))
+    assert m['netpass_migrations_total{outcome="completed",side="destination"}'] >= 1
+    assert m["netpass_frames_injected_total"] >= n["injected"]
+    assert m['netpass_agent_frame_channel_connections_total{outcome="ok"}'] >= 1
+    assert m["netpass_agent_frame_channel_frames_received_total"] >= n["injected"]
+    assert m['netpass_agent_connections_total{outcome="ok"}'] >= 1
+
+
+def _metrics(netns: str) -> dict[str, float]:
+    """Samples of a lab agent's /metrics (served on 127.0.0.1 of its host namespace)."""
+
+    def scrape() -> str:
+        with in_netns(netns):
+            s = socket.create_connection(("127.0.0.1", lab.AGENT_METRICS_PORT), timeout=5)
+        with s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return b"".join(iter(lambda: s.recv(65536), b"")).decode()
+
+    body = scrape().split("\r\n\r\n", 1)[1]
+    return {
+        k: float(v)
+        for k, _, v in (ln.rpartition(" ") for ln in body.splitlines())
+        if k and not k.startswith("#")
+    }
 
 
 def test_agent_refuses_a_peer_from_another_ca(lab2: lab.LabState, tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ VM_HOST = 100
 HOST_ADDR = {"a": 11, "b": 12}
 MIGRATION_PORT = 4444
 AGENT_PORT = 7400  # control channel; frames on AGENT_PORT + 1
+AGENT_METRICS_PORT = 7409  # /metrics of each lab agent, on 127.0.0.1 of its host namespace
 NAME_RE = re.compile(r"^np[a-z0-9]{1,8}$")
 
 
@@ -517,6 +518,7 @@ def start_agents(st: LabState, hosts: str = "ab") -> None:
                 ["ip", "netns", "exec", st.host_ns(h), sys.executable, "-c",
                  "from netpass.cli import main; raise SystemExit(main())", "agent",
                  "--listen", f"{st.host_ip(h)}:{AGENT_PORT}", "--tls-cert", str(pki.server_cert),
+                 "--metrics-port", str(AGENT_METRICS_PORT),
                  "--tls-key", str(pki.server_key), "--tls-ca", str(pki.ca_cert)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,

@@ -18,7 +18,7 @@ from netpass.discovery import NicInfo, discover, qemu_has_flag, used_idx
 from netpass.errors import DatapathError, HostError, MigrationError, UsageError
 from netpass.qmp import Event, Qmp, is_event
 from netpass.results import MigrationTiming
-from netpass.switchover import QUIET_S, RESCUE_DEADLINE_S, DestNic, SourceNic
+from netpass.switchover import QUIET_S, RESCUE_DEADLINE_S, DestNic, SourceNic, catchup_for
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -596,7 +596,7 @@ class NetpassTimeline:
     async def _deliver(self) -> None:
         self.phase.enter("deliver")
         for p in self.pairs:
-            p.dst.set_pace(p.src.catchup_per_ms())
+            p.dst.set_catchup(catchup_for(p.src.arrival_per_ms()))
         deadline = time.monotonic() + RESCUE_DEADLINE_S
         while True:
             moved = 0

@@ -75,7 +75,7 @@ async def serve(opts: AgentOptions) -> None:
     )  # fmt: skip
     frames = AgentServer(
         opts.host, opts.port + 1, srv_ctx, lambda: agent.frames, role=wire.Role.DEST_AGENT,
-        identity=identity, registry=CollectorRegistry(),
+        identity=identity, registry=registry, metrics_prefix="netpass_agent_frame_channel",
     )  # fmt: skip
     watchdog = _start_watchdog() if opts.watchdog else None
     stop = asyncio.Event()

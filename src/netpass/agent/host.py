@@ -30,12 +30,11 @@ from netpass.datapath import tapfd
 from netpass.discovery import NicInfo, RxFilter
 from netpass.errors import DatapathError, HostError, NetpassError
 from netpass.switchover import (
-    CATCHUP_FACTOR,
-    CATCHUP_MIN_PER_MS,
     QUIET_S,
     RESCUE_DEADLINE_S,
     DestNic,
     SourceNic,
+    catchup_for,
 )
 
 log = logging.getLogger("netpass.agent")
@@ -357,22 +356,20 @@ class DestSession:
     def vm_started(self, resume_ns: int) -> None:
         self.resume_ns = resume_ns  # the destination's RESUME, on this host's clock
         for half in self.halves.values():
-            half.set_pace(self._pace())
+            half.set_catchup(catchup_for(self._arrival_per_ms()))
         self.started.set()
         self._wake.set()
 
-    def _pace(self) -> float:
+    def _arrival_per_ms(self) -> float | None:
         # The first FRAMES after the stop carry the backlog (frames relayed to the source guest
         # that it never took, plus what arrived since the stop); after that the source agent
         # streams frames as they arrive, so their rate is the arrival rate.
         if not self._arrivals:
-            return CATCHUP_MIN_PER_MS
+            return None
         t0 = self._arrivals[0][0] + BACKLOG_BURST_S  # the backlog comes in one burst
         later = sum(n for t, n in self._arrivals if t > t0)
         elapsed_ms = (time.monotonic() - t0) * 1000
-        if elapsed_ms < 5:
-            return CATCHUP_MIN_PER_MS
-        return max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR * later / elapsed_ms)
+        return later / elapsed_ms if elapsed_ms >= 5 else None
 
     async def deliver(self) -> tuple[wire.NicSummary, ...]:
         """Once the VM runs: inject in order as frames come, then release the hold."""

@@ -1,7 +1,8 @@
 """Prometheus counters of one AgentServer, and the optional HTTP endpoint that exposes them.
 
-Each server gets its own CollectorRegistry: two servers in one process (tests, an agent with
-a control and a frame port) must not collide on metric names in the global registry.
+Each server gets its own CollectorRegistry unless given one: two servers in one process must
+not collide on metric names in the global registry. An agent's control and frame servers share
+one registry (one /metrics endpoint) under different name prefixes.
 """
 
 from __future__ import annotations
@@ -31,24 +32,26 @@ OUTCOMES: Final = (
 
 
 class AgentMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, prefix: str = "netpass_agent"
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        r, p = self.registry, prefix
         self.connections = Counter(
-            "netpass_agent_connections",
+            f"{p}_connections",
             "Connections accepted, by how they ended",
             ["outcome"],
             registry=r,
         )
         for outcome in OUTCOMES:  # export zeros, so rates work from the first scrape
             self.connections.labels(outcome)
-        self.active = Gauge("netpass_agent_active_connections", "Connections open now", registry=r)
+        self.active = Gauge(f"{p}_active_connections", "Connections open now", registry=r)
         self.messages = Counter(
-            "netpass_agent_messages_received", "Messages received, by type", ["type"], registry=r
+            f"{p}_messages_received", "Messages received, by type", ["type"], registry=r
         )
-        self.frames = Counter("netpass_agent_frames_received", "Frames received", registry=r)
+        self.frames = Counter(f"{p}_frames_received", "Frames received", registry=r)
         self.frame_bytes = Counter(
-            "netpass_agent_frame_bytes_received",
+            f"{p}_frame_bytes_received",
             "Bytes of frame records received (vnet header included)",
             registry=r,
         )

@@ -72,6 +72,7 @@ class AgentServer:
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = None,
         registry: CollectorRegistry | None = None,
+        metrics_prefix: str = "netpass_agent",
     ) -> None:
         if ssl_ctx.verify_mode != ssl.CERT_REQUIRED:
             raise UsageError("AgentServer needs an SSLContext that requires client certificates")
@@ -80,7 +81,7 @@ class AgentServer:
         self.listen_host = listen_host
         self.role = wire.Role(role)
         self.identity = identity or socket.gethostname()
-        self.metrics = AgentMetrics(registry)
+        self.metrics = AgentMetrics(registry, metrics_prefix)
         self._requested_port = port
         self._ctx = ssl_ctx
         self._factory = handler_factory
