@@ -296,7 +296,8 @@ def _xfail_if_a_guest_died(serials: list[Path]) -> None:
     for serial in serials:
         text = serial.read_text(errors="replace") if serial.exists() else ""
         if "Kernel panic" in text or "double fault" in text:
-            pytest.xfail(f"lab guest kernel died after migration under TCG ({serial.name})")
+            first = next(ln for ln in text.splitlines() if "panic" in ln.lower() or "fault" in ln)
+            pytest.xfail(f"lab guest died after migration under TCG ({serial.name}: {first})")
 
 
 FAULTS = [

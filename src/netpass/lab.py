@@ -183,6 +183,7 @@ class LabState:
 
 GUEST_SETTLE_S = 5.0  # see settle()
 WARM_UP_TRIES = 3
+WARM_UP_WATCH_S = 1.0
 
 
 def check_name(name: str) -> None:
@@ -353,10 +354,10 @@ class ExtraVm:
     pids: list[int]
 
 
-def add_vm(st: LabState, v: int) -> ExtraVm:
+def add_vm(st: LabState, v: int, tries: int = WARM_UP_TRIES) -> ExtraVm:
     """Boot VM number V (1-9) for the host running the lab VM, with an incoming -S QEMU on the
-    other host and its own migration port. Like the lab VM it is warmed up (see warm_up): it
-    boots on the other host and is migrated once, unmeasured, to where it is wanted."""
+    other host and its own migration port. Like the lab VM it is warmed up (see warm_up):
+    migrated there and back, unmeasured, and booted again if that killed it."""
     if not 1 <= v <= 9:
         raise UsageError("extra VM number must be 1-9")
     from netpass.orchestrator import migrate_stock
@@ -369,17 +370,28 @@ def add_vm(st: LabState, v: int) -> ExtraVm:
         run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
         tc.prepare_tap(tap, netns=hns)
         run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
-    boot_pid, boot_qmp = _start_extra(st, v, dst_host, mac, ip, incoming=False)
-    settle()
-    src_pid, src_qmp = _start_extra(st, v, src_host, mac, ip, incoming=True, paused=False)
-    uri = f"tcp:{st.host_ip(src_host)}:{MIGRATION_PORT + v}"
-    try:
-        asyncio.run(migrate_stock(boot_qmp, src_qmp, uri))
-    finally:
-        vm.kill(boot_pid, f"{st.name}-x{v}{dst_host}")
-    time.sleep(0.5)
-    if not vm.alive(src_pid):
-        raise LabError(f"extra VM {v} died after its warm-up migration (see lab.warm_up)")
+    for attempt in range(tries):
+        pid, qmp = _start_extra(st, v, src_host, mac, ip, incoming=False)
+        settle()
+        alive = True
+        for there in (dst_host, src_host):  # there and back, as warm_up does
+            here = "b" if there == "a" else "a"
+            new_pid, new_qmp = _start_extra(st, v, there, mac, ip, incoming=True, paused=False)
+            uri = f"tcp:{st.host_ip(there)}:{MIGRATION_PORT + v}"
+            try:
+                asyncio.run(migrate_stock(qmp, new_qmp, uri))
+            finally:
+                vm.kill(pid, f"{st.name}-x{v}{here}")
+            pid, qmp = new_pid, new_qmp
+            alive = survived(pid, st.run_dir / f"x{v}{there}.serial")
+            if not alive:
+                break
+        if alive:
+            src_pid, src_qmp = pid, qmp
+            break
+        vm.kill(pid, f"{st.name}-x{v}{there}")
+        if attempt == tries - 1:
+            raise LabError(f"extra VM {v} died in its warm-up migrations, {tries} times")
     dst_pid, dst_qmp = _start_extra(st, v, dst_host, mac, ip, incoming=True, paused=True)
     uri = f"tcp:{st.host_ip(dst_host)}:{MIGRATION_PORT + v}"
     return ExtraVm(v, ip, mac, src_qmp, dst_qmp, uri, [src_pid, dst_pid])
@@ -556,13 +568,21 @@ def warm_up(st: LabState, tries: int = WARM_UP_TRIES) -> None:
                 assert src is not None
                 asyncio.run(migrate_stock(src.qmp, inc.qmp, st.migration_uri(inc.host)))
                 migrated(st)
-                if not vm.alive(inc.pid):
+                if not survived(inc.pid, Path(inc.serial)):
                     raise LabError("the guest died after its warm-up migration")
             return
         except (NetpassError, OSError) as e:
             if attempt == tries - 1:
                 raise LabError(f"lab guest did not survive its warm-up migrations: {e}") from e
             _reboot(st)
+
+
+def survived(pid: int, serial: Path, wait_s: float = WARM_UP_WATCH_S) -> bool:
+    """The migrated guest still runs WAIT_S after RESUME (a dying one panics within ~10 ms,
+    but QEMU can take longer to exit)."""
+    time.sleep(wait_s)
+    text = serial.read_text(errors="replace") if serial.exists() else ""
+    return vm.alive(pid) and "Kernel panic" not in text and "double fault" not in text
 
 
 def _reboot(st: LabState) -> None:
