@@ -33,3 +33,12 @@ def test_burst_never_grows_with_load() -> None:
     bursts = [catchup_for(r / 10).burst for r in range(0, 300)]
     assert bursts == sorted(bursts, reverse=True)
     assert all(CATCHUP_BURST_MIN <= b <= CATCHUP_BURST_MAX for b in bursts)
+
+
+def test_concurrent_migrations_share_the_budget() -> None:
+    one, four = catchup_for(1.0), catchup_for(1.0, sharing=4)
+    assert four.per_ms == pytest.approx(CATCHUP_MIN_PER_MS / 4)
+    assert four.burst == one.burst // 4
+    # Never slower than the frames arrive (x CATCHUP_FACTOR), however many share.
+    assert catchup_for(10.0, sharing=4).per_ms == pytest.approx(12.0)
+    assert catchup_for(10.0, sharing=100).burst == CATCHUP_BURST_MIN // 2

@@ -58,14 +58,17 @@ class Catchup:
     per_ms: float  # then rescued and held frames at this pace
 
 
-def catchup_for(arrival_per_ms: float | None) -> Catchup:
+def catchup_for(arrival_per_ms: float | None, sharing: int = 1) -> Catchup:
     """The destination's catch-up for frames that arrived at ARRIVAL_PER_MS (None: unknown,
-    as at rest)."""
+    as at rest), when SHARING migrations are being received by this host at once: the burst
+    and the minimum pace are the host's, split between them (never below the arrival rate)."""
     rate = arrival_per_ms or 0.0
+    n = max(1, sharing)
     burst = round(CATCHUP_BURST_MAX - CATCHUP_BURST_PER_RATE * rate)
+    burst = max(CATCHUP_BURST_MIN, min(CATCHUP_BURST_MAX, burst))
     return Catchup(
-        max(CATCHUP_BURST_MIN, min(CATCHUP_BURST_MAX, burst)),
-        max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR * rate),
+        max(CATCHUP_BURST_MIN // 2, burst // n) if n > 1 else burst,
+        max(CATCHUP_MIN_PER_MS / n, CATCHUP_FACTOR * rate),
     )
 
 
