@@ -276,7 +276,7 @@ def test_four_vms_at_once(lab2: lab.LabState) -> None:
             results = [analyze(f()) for f in finishers]
         lab.migrated(st)
         main = st.instance(st.vm_host, incoming=False)
-        serials = [Path(main.serial)] if main is not None else []
+        serials = [Path(str(src["serial"]))] + ([Path(main.serial)] if main is not None else [])
         serials += [st.run_dir / f"x{x.v}{h}.serial" for x in extras for h in "ab"]
         _xfail_if_a_guest_died(serials)
         for timing, r, job in zip(timings, results, jobs, strict=True):
