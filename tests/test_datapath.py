@@ -498,13 +498,23 @@ def _plain_socket(ifname: str) -> Iterator[socket.socket]:
         yield s
 
 
-def test_tbf_hold_first_frame_and_long_hold_do_not_leak(netns: str) -> None:
-    """The classic TBF-as-plug leak: a closed TBF still has a full bucket. Ours must not."""
-    fd = tapfd.open_tap("npdtapl", hdr_len=HDR_LEN)
+@contextmanager
+def _tap_reader(name: str) -> Iterator[Reader]:
+    """A tap (up) whose frames a Reader collects, as a guest's NIC would take them."""
+    fd = tapfd.open_tap(name, hdr_len=HDR_LEN)
     reader = Reader(fd, HDR_LEN).start()
     try:
         with iproute() as ipr:
-            ipr.link("set", ifname="npdtapl", state="up")
+            ipr.link("set", ifname=name, state="up")
+        yield reader
+    finally:
+        reader.stop()
+        os.close(fd)
+
+
+def test_tbf_hold_first_frame_and_long_hold_do_not_leak(netns: str) -> None:
+    """The classic TBF-as-plug leak: a closed TBF still has a full bucket. Ours must not."""
+    with _tap_reader("npdtapl") as reader:
         hold = tc.Hold("npdtapl", kind="tbf")
         hold.install_open()
         hold.close()
@@ -523,19 +533,12 @@ def test_tbf_hold_first_frame_and_long_hold_do_not_leak(netns: str) -> None:
             hold.open()
             assert wait_until(lambda: reader.of("S") == [0, 1, 2], 1)
         hold.remove()
-    finally:
-        reader.stop()
-        os.close(fd)
 
 
 def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:
     """A large hold: nothing dropped by the qdisc, and a paced release the reader can follow
     although the tap's own queue (txqueuelen) is far smaller than the hold."""
-    fd = tapfd.open_tap("npdtaph", hdr_len=HDR_LEN)
-    reader = Reader(fd, HDR_LEN).start()
-    try:
-        with iproute() as ipr:
-            ipr.link("set", ifname="npdtaph", state="up")
+    with _tap_reader("npdtaph") as reader:
         # Still 5x smaller than the hold, but a busy machine may stall the Python reader for
         # 200 ms without the tap dropping anything (at 1000 frames it once dropped some).
         tc.set_txqueuelen("npdtaph", 4000)
@@ -561,9 +564,6 @@ def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:
         hold.open()
         assert not hold.paced
         hold.remove()
-    finally:
-        reader.stop()
-        os.close(fd)
 
 
 def test_hold_refuses_foreign_root_qdisc(netns: str) -> None:
@@ -611,29 +611,18 @@ def test_inject_retries_on_full_tap_queue(netns: str) -> None:
 
 
 def test_inject_pacing(netns: str) -> None:
-    fd = tapfd.open_tap("npdtapp", hdr_len=HDR_LEN)
-    reader = Reader(fd, HDR_LEN).start()
-    try:
-        with iproute() as ipr:
-            ipr.link("set", ifname="npdtapp", state="up")
+    with _tap_reader("npdtapp") as reader:
         with Injector("npdtapp", pace_per_ms=2) as inj:
             t0 = time.monotonic()
             inj.send_many(frame(b"P", i) for i in range(400))
             took = time.monotonic() - t0
         assert 0.17 <= took <= 0.5  # 400 frames at 2/ms ~ 0.2 s
         assert wait_until(lambda: reader.of("P") == list(range(400)), 2)
-    finally:
-        reader.stop()
-        os.close(fd)
 
 
 def test_inject_pace_can_start_mid_stream(netns: str) -> None:
     """The destination's catch-up: a first burst unpaced, then paced, order kept."""
-    fd = tapfd.open_tap("npdtaps", hdr_len=HDR_LEN)
-    reader = Reader(fd, HDR_LEN).start()
-    try:
-        with iproute() as ipr:
-            ipr.link("set", ifname="npdtaps", state="up")
+    with _tap_reader("npdtaps") as reader:
         with Injector("npdtaps") as inj:
             inj.send_many(frame(b"S", i) for i in range(32))
             inj.set_pace(2)
@@ -644,9 +633,6 @@ def test_inject_pace_can_start_mid_stream(netns: str) -> None:
                 inj.set_pace(0)
         assert took >= 0.09  # 200 frames at 2/ms; at most 1 ms worth goes early
         assert wait_until(lambda: reader.of("S") == list(range(232)), 2)
-    finally:
-        reader.stop()
-        os.close(fd)
 
 
 # --- tap fd of another process
