@@ -201,30 +201,12 @@ async def _stock_timeline(
     if params:
         await src.cmd("migrate-set-parameters", **params)
 
-    # 2. Destination listens, source starts streaming.
-    await dst.cmd("migrate-incoming", uri=uri)
-    phase.enter("precopy")
-    timing.migrate_start_ns = time.time_ns()
-    await src.cmd("migrate", uri=uri)
+    # 2. Destination listens, source streams; postcopy switches once the stream is active.
+    await start_migration(src, dst, uri, postcopy, timing, phase)
     watcher = asyncio.create_task(_watch_progress(src, phase))
     try:
-        # 3. Postcopy: switch as soon as the stream is active (an idle guest would otherwise
-        #    converge in precopy before postcopy ever starts).
-        if postcopy:
-            await _wait_active(src)
-            timing.postcopy_start_ns = time.time_ns()
-            await src.cmd("migrate-start-postcopy")
-            phase.enter("postcopy")
-
-        # 4. QEMU stops the source by itself when it converges; wait for the end.
-        end = await src.wait_event(
-            lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
-            timeout,
-            what="migration to finish",
-        )
-        if end.data["status"] != "completed":
-            raise MigrationError(f"migration {end.data['status']}")
-        timing.completed_ns = end.t_ns
+        # 3. QEMU stops the source by itself when it converges; wait for the end.
+        await _source_completed(src, timing, timeout)
         phase.enter("completed")
         first = await dst.wait_event(
             lambda e: e.name == "RESUME" or is_event("MIGRATION", status="completed")(e),
@@ -239,7 +221,7 @@ async def _stock_timeline(
     finally:
         watcher.cancel()
 
-    # 5. Measurements.
+    # 4. Measurements.
     timing.dst_resume_ns = resume.t_ns
     await _measure(timing, src, dst)
     return timing
@@ -345,7 +327,8 @@ async def stable_used(q: Qmp, nic: NicInfo) -> int:
 async def start_migration(
     src: Qmp, dst: Qmp, uri: str, postcopy: bool, timing: MigrationTiming, phase: Phase
 ) -> None:
-    """Destination listens, source streams; postcopy switches as soon as the stream is active."""
+    """Destination listens, source streams; postcopy switches as soon as the stream is active
+    (an idle guest would otherwise converge in precopy before postcopy ever starts)."""
     await dst.cmd("migrate-incoming", uri=uri)
     phase.enter("precopy")
     timing.migrate_start_ns = time.time_ns()
@@ -359,6 +342,11 @@ async def start_migration(
 
 async def wait_completed(src: Qmp, dst: Qmp, timing: MigrationTiming, timeout: float) -> None:
     """The source reports the end; in postcopy the destination finishes pulling pages later."""
+    await _source_completed(src, timing, timeout)
+    await _dst_completed(dst)
+
+
+async def _source_completed(src: Qmp, timing: MigrationTiming, timeout: float) -> None:
     end = await src.wait_event(
         lambda e: e.name == "MIGRATION" and e.data.get("status") in FINAL_STATES,
         timeout,
@@ -367,7 +355,6 @@ async def wait_completed(src: Qmp, dst: Qmp, timing: MigrationTiming, timeout: f
     if end.data["status"] != "completed":
         raise MigrationError(f"migration {end.data['status']}")
     timing.completed_ns = end.t_ns
-    await _dst_completed(dst)
 
 
 # --- netpass mode ------------------------------------------------------------------------------
