@@ -299,32 +299,16 @@ def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Ins
     """Create the taps on `host`'s bridge and start a QEMU there (booted, or waiting incoming)."""
     idx = st.next_idx
     st.next_idx += 1
-    hns = st.host_ns(host)
     taps = [f"tap{idx}n{k}" for k in range(st.nics)]
     for tap in taps:
-        run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
-        # Like a host's VIF hook would: netpass's qdiscs exist before the tap carries traffic.
-        tc.prepare_tap(tap, netns=hns)
-        run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
-    name = f"{st.name}-vm{idx}"
-    d = st.run_dir
-    spec = vm.VmSpec(
-        name=name,
-        netns=hns,
-        nics=[vm.Nic(t, st.vm_mac(k), f"{st.vm_ip(k)}/24") for k, t in enumerate(taps)],
-        qmp_path=d / f"vm{idx}.qmp",
-        serial_path=d / f"vm{idx}.serial",
-        pidfile=d / f"vm{idx}.pid",
-        accel=st.accel,
-        incoming=incoming,
-        paused=paused,
-    )
-    image = guest.GuestImage(Path(st.kernel), Path(st.initrd), "")
-    pid = vm.start(spec, image)
+        _add_tap(st, host, tap)
+    nics = [vm.Nic(t, st.vm_mac(k), f"{st.vm_ip(k)}/24") for k, t in enumerate(taps)]
+    spec = _spec(st, f"vm{idx}", host, nics, incoming, paused)
+    pid = vm.start(spec, _image(st))
     inst = Instance(
         idx,
         host,
-        name,
+        spec.name,
         pid,
         str(spec.qmp_path),
         str(spec.serial_path),
@@ -338,6 +322,36 @@ def start_instance(st: LabState, host: str, incoming: bool, paused: bool) -> Ins
     if not incoming:
         vm.wait_ready(spec.serial_path, 90, pid)
     return inst
+
+
+def _add_tap(st: LabState, host: str, tap: str) -> None:
+    hns = st.host_ns(host)
+    run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
+    # Like a host's VIF hook would: netpass's qdiscs exist before the tap carries traffic.
+    tc.prepare_tap(tap, netns=hns)
+    run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
+
+
+def _spec(
+    st: LabState, stem: str, host: str, nics: list[vm.Nic], incoming: bool, paused: bool
+) -> vm.VmSpec:
+    """A lab QEMU named {lab}-{stem}, its files {stem}.qmp/.serial/.pid in the run dir."""
+    d = st.run_dir
+    return vm.VmSpec(
+        name=f"{st.name}-{stem}",
+        netns=st.host_ns(host),
+        nics=nics,
+        qmp_path=d / f"{stem}.qmp",
+        serial_path=d / f"{stem}.serial",
+        pidfile=d / f"{stem}.pid",
+        accel=st.accel,
+        incoming=incoming,
+        paused=paused,
+    )
+
+
+def _image(st: LabState) -> guest.GuestImage:
+    return guest.GuestImage(Path(st.kernel), Path(st.initrd), "")
 
 
 @dataclass
@@ -366,10 +380,7 @@ def add_vm(st: LabState, v: int, tries: int = WARM_UP_TRIES) -> ExtraVm:
     dst_host = "b" if src_host == "a" else "a"
     mac, ip = f"52:54:00:4e:6{v}:01", f"{SUBNET}.0.{VM_HOST + v}"
     for host in (src_host, dst_host):
-        tap, hns = f"tapx{v}{host}", st.host_ns(host)
-        run(["ip", "tuntap", "add", tap, "mode", "tap", "vnet_hdr"], netns=hns)
-        tc.prepare_tap(tap, netns=hns)
-        run(["ip", "link", "set", tap, "master", "br0", "up"], netns=hns)
+        _add_tap(st, host, f"tapx{v}{host}")
     for attempt in range(tries):
         pid, qmp = _start_extra(st, v, src_host, mac, ip, incoming=False)
         settle()
@@ -400,19 +411,11 @@ def add_vm(st: LabState, v: int, tries: int = WARM_UP_TRIES) -> ExtraVm:
 def _start_extra(
     st: LabState, v: int, host: str, mac: str, ip: str, incoming: bool, paused: bool = False
 ) -> tuple[int, str]:
-    d = st.run_dir
-    spec = vm.VmSpec(
-        name=f"{st.name}-x{v}{host}",
-        netns=st.host_ns(host),
-        nics=[vm.Nic(f"tapx{v}{host}", mac, f"{ip}/24")],
-        qmp_path=d / f"x{v}{host}.qmp",
-        serial_path=d / f"x{v}{host}{'-boot' if not incoming else ''}.serial",
-        pidfile=d / f"x{v}{host}.pid",
-        accel=st.accel,
-        incoming=incoming,
-        paused=paused,
-    )
-    pid = vm.start(spec, guest.GuestImage(Path(st.kernel), Path(st.initrd), ""))
+    nics = [vm.Nic(f"tapx{v}{host}", mac, f"{ip}/24")]
+    spec = _spec(st, f"x{v}{host}", host, nics, incoming, paused)
+    if not incoming:
+        spec.serial_path = st.run_dir / f"x{v}{host}-boot.serial"
+    pid = vm.start(spec, _image(st))
     if not incoming:
         vm.wait_ready(spec.serial_path, 90, pid)
     return pid, str(spec.qmp_path)
