@@ -19,7 +19,7 @@ import pytest
 
 from conftest import leftovers, tc_clean
 from faultproxy import FaultProxy
-from netpass import lab, trial, wire
+from netpass import lab, trial, vm, wire
 from netpass.agent.channel import Channel, HandshakeError, connect
 from netpass.agent.tls import client_context, make_test_pki
 from netpass.analysis import analyze
@@ -333,7 +333,7 @@ def test_channel_fault_during_switchover(
     source's STOP ('switch') or right after the destination's RESUME ('deliver'). The migration
     completes, the cause is reported, no tc object is left, the VM answers on its new host."""
     st = lab.load(lab2.name)
-    dead = "".join(h for h, pid in st.agents.items() if not _alive(pid))
+    dead = "".join(h for h, pid in st.agents.items() if not vm.alive(pid))
     if dead:  # an earlier case failed before it restarted the agent it killed
         lab.start_agents(st, hosts=dead)
     lab.ensure_incoming(st, paused=True)
@@ -388,14 +388,6 @@ def test_channel_fault_during_switchover(
         time.sleep(0.5)
         after = analyze(finish2())
     assert after.sent > 100 and after.received == after.sent
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
 
 
 def _eventually(check: Callable[[], None], within: float) -> None:

@@ -104,20 +104,6 @@ async def _final_info(src: Qmp) -> dict[str, Any]:
     return info
 
 
-def _report_progress(progress: ProgressFn | None, phase: str, info: dict[str, Any]) -> None:
-    if progress is not None:
-        ram = info.get("ram", {})
-        progress(
-            Progress(
-                phase,
-                str(info.get("status", "")),
-                int(ram.get("remaining", 0)),
-                int(ram.get("total", 0)),
-                int(ram.get("transferred", 0)),
-            )
-        )
-
-
 class Phase:
     """Where the timeline is. A change is reported at once, so a progress display (or a caller's
     hook) sees 'switch' when the source stops, not at the next 100 ms poll."""
@@ -129,11 +115,30 @@ class Phase:
 
     def enter(self, name: str) -> None:
         self.name = name
-        _report_progress(self.progress, name, self.info)
+        self._report()
+
+    @property
+    def source_runs(self) -> bool:
+        """Migrating and the source not stopped yet: its RX used-idx still moves."""
+        return self.name in ("precopy", "postcopy")
 
     def poll(self, info: dict[str, Any]) -> None:
         self.info = info
-        _report_progress(self.progress, self.name, info)
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        ram = self.info.get("ram", {})
+        self.progress(
+            Progress(
+                self.name,
+                str(self.info.get("status", "")),
+                int(ram.get("remaining", 0)),
+                int(ram.get("total", 0)),
+                int(ram.get("transferred", 0)),
+            )
+        )
 
 
 async def _watch_progress(src: Qmp, phase: Phase) -> None:
@@ -502,7 +507,7 @@ class NetpassTimeline:
         while True:
             info = await self.src.cmd("query-migrate")
             self.phase.poll(info)
-            if info.get("status") in ("active", "postcopy-active") and self.phase.name != "switch":
+            if info.get("status") in ("active", "postcopy-active") and self.phase.source_runs:
                 for p in self.pairs:
                     with contextlib.suppress(MigrationError):
                         p.src.observe_used(await used_idx(self.src, p.src.nic))

@@ -67,7 +67,7 @@ def catchup_for(arrival_per_ms: float | None, sharing: int = 1) -> Catchup:
     burst = round(CATCHUP_BURST_MAX - CATCHUP_BURST_PER_RATE * rate)
     burst = max(CATCHUP_BURST_MIN, min(CATCHUP_BURST_MAX, burst))
     return Catchup(
-        max(CATCHUP_BURST_MIN // 2, burst // n) if n > 1 else burst,
+        max(CATCHUP_BURST_MIN // 2, burst // n),
         max(CATCHUP_MIN_PER_MS / n, CATCHUP_FACTOR * rate),
     )
 

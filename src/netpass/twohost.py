@@ -287,12 +287,12 @@ class TwoHostTimeline:
         while True:
             info = await self.src.cmd("query-migrate")
             self.phase.poll(info)
-            if self.live and self.phase.name != "switch":
+            if self.live and self.phase.source_runs:
                 with contextlib.suppress(MigrationError):
                     seen = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
                     msg = wire.UsedIdx(self.mid, wire.UsedPhase.OBSERVE, tuple(seen))
                     # The STOP may have come while QMP answered: phases only move forward.
-                    if self.live and self.phase.name != "switch" and self.src_ch.conn.can_send(msg):
+                    if self.live and self.phase.source_runs and self.src_ch.conn.can_send(msg):
                         try:
                             await self._send("source", msg)
                         except (ChannelError, NetpassError) as e:

@@ -30,6 +30,7 @@ from netpass.datapath import tapfd
 from netpass.discovery import NicInfo, RxFilter
 from netpass.errors import DatapathError, HostError, NetpassError
 from netpass.switchover import (
+    BROADCAST_OR_MULTICAST,
     QUIET_S,
     RESCUE_DEADLINE_S,
     DestNic,
@@ -40,7 +41,6 @@ from netpass.switchover import (
 log = logging.getLogger("netpass.agent")
 
 DEFAULT_FRAME_BUDGET: Final = 256 << 20  # bytes of rescued frames one migration may buffer
-BROADCAST_OR_MULTICAST: Final = 1
 STREAM_BATCH: Final = 256
 BACKLOG_BURST_S: Final = 0.003  # FRAMES within this of the first are the stop's backlog
 END_ACK_TIMEOUT_S: Final = 10.0  # the source stops waiting for the destination's ACK(END)
