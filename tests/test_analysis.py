@@ -71,6 +71,8 @@ def test_reordering_first_copies_only() -> None:
     order = [0, 1, 3, 2, 4, 6, 5, 7]
     s = analyze(stream(8, order=order))
     assert (s.received, s.lost, s.reordered, s.duplicates) == (8, 0, 2, 0)
+    assert [(seq, hi) for seq, hi, _ in s.reordered_at] == [(2, 3), (5, 6)]
+    assert ProbeStats.from_dict(s.to_dict()) == s
     # A late duplicate of an old seq is a duplicate, not a reordering.
     d = stream(8)
     d.replies.append((1, T0 + 50 * MS))

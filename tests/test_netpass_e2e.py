@@ -44,8 +44,41 @@ def test_lossless_switchover(lab_up: lab.LabState, postcopy: bool) -> None:
     assert n["rescued"] > 0 and n["injected"] == n["rescued"]  # the pause had traffic to rescue
     assert n["consumed"] + n["injected"] + n["returned"] + n["dropped"] == n["captured"]
     assert t.true_pause_ms is not None and t.true_pause_ms > 0
+    # No disk: `cont` goes to the destination as soon as its hold is closed (design step 8).
+    assert str(n["destination start"]).startswith(("by QEMU once loaded", "cont queued")), n
+    assert 0 <= n["cont sent after STOP seen (ms)"] < t.true_pause_ms
     tc_clean(st)
     _ping_ok(st)
+
+
+def _qmp(path: str, *cmds: tuple[str, dict[str, Any]]) -> list[Any]:
+    async def go() -> list[Any]:
+        c = Qmp("test", path)
+        await c.connect()
+        try:
+            return [await c.cmd(name, **args) for name, args in cmds]
+        finally:
+            await c.close()
+
+    return asyncio.run(go())
+
+
+def test_writable_block_node_means_cont_after_loading(lab_up: lab.LabState) -> None:
+    """An early `cont` would activate the destination's block nodes while the source may still
+    write to them: with a writable one netpass starts the destination only once it has loaded,
+    and says so. Nothing is lost either way."""
+    st = lab_up
+    lab.ensure_incoming(st, paused=True)
+    node = {"driver": "null-co", "node-name": "npdisk0", "read-only": False}
+    _qmp(st.status()["destination"]["qmp"], ("blockdev-add", node))
+    run = trial.run_trial(st, "np-disk", 1000, lab_driver("netpass", False, None, None))
+    n, s = run.timing.netpass, run.stats
+    assert n.get("error") is None, n
+    assert n["destination start"] == (
+        "cont after loading: writable block devices (npdisk0): started after loading"
+    ), n
+    assert s.lost == 0 and s.reordered == 0 and s.duplicates == 0
+    tc_clean(st)
 
 
 def _sockets(st: lab.LabState) -> tuple[str, str, str]:

@@ -362,7 +362,9 @@ def test_recorded_sessions_replay_whole_and_byte_by_byte(
 def test_frame_channel_session_states_and_summaries() -> None:
     src, dst = hello_pair()
     assert (src.our_state, src.their_state) == (State.IDLE, State.IDLE)
-    assert src.negotiated_version == (1, 1) and src.negotiated_features == SUPPORTED_FEATURES
+    assert (
+        src.negotiated_version == PROTOCOL_VERSION and src.negotiated_features == SUPPORTED_FEATURES
+    )
     assert dst.peer_hello is not None and dst.peer_hello.identity == "a-host"
     deliver(src, dst, Prepare(MID, "vm1", NICS))
     assert (src.our_state, dst.their_state) == (State.PREPARING, State.PREPARING)
@@ -850,8 +852,8 @@ def test_minor_versions_negotiate_down() -> None:
     assert conn.negotiated_version is None and conn.negotiated_features is None
     conn.receive_data(encode_message(Hello(Role.ORCHESTRATOR, "orch", version=(1, 5))))
     drain(conn)
-    assert PROTOCOL_VERSION == (1, 1)
-    assert conn.negotiated_version == (1, 1)
+    assert PROTOCOL_VERSION == (1, 2)
+    assert conn.negotiated_version == (1, 2)
     assert conn.negotiated_features == SUPPORTED_FEATURES
 
 
@@ -1035,7 +1037,7 @@ def _control_pair(stage: str) -> tuple[Connection, Connection]:
 def test_switchover_session_is_accepted() -> None:
     orch, agent = hello_pair(Role.ORCHESTRATOR)
     assert orch.negotiated_features == agent.negotiated_features == SUPPORTED_FEATURES
-    assert Feature.SWITCHOVER in SUPPORTED_FEATURES and orch.negotiated_version == (1, 1)
+    assert Feature.SWITCHOVER in SUPPORTED_FEATURES and orch.negotiated_version == (1, 2)
     for mid in (MID, MID2):  # every per-migration rule starts afresh with each PREPARE
         sent: list[Message] = [Prepare(mid, "vm1", NICS)]
         # Before PREPARED has arrived: the rules only look at what the orchestrator sent.
@@ -1057,10 +1059,12 @@ def test_switchover_session_is_accepted() -> None:
             UsedIdx(mid, UsedPhase.OBSERVE, ((0, 26), (1, 11))),
             UsedIdx(mid, UsedPhase.STOPPED, ()),
             Hold(mid),
+            Ack(mid, MsgType.HOLD),
             UsedIdx(mid, UsedPhase.FINAL, ((0, 30), (1, 12))),
             VmStarted(mid, 5),
         ]:
-            assert deliver(orch, agent, msg) == msg
+            sender, receiver = (agent, orch) if isinstance(msg, Ack) else (orch, agent)
+            assert deliver(sender, receiver, msg) == msg
             assert orch.our_state is agent.their_state is State.CAPTURING  # unchanged
         summaries = (NicSummary(0, 1, bytes(32)), NicSummary(1, 0, bytes(32)))
         deliver(agent, orch, End(mid, summaries))
@@ -1267,6 +1271,42 @@ def test_switchover_messages_need_the_feature(agent_hello: Hello) -> None:
     deliver(orch, agent, Bye())
 
 
+def _hold_sent(agent_minor: int) -> tuple[Connection, Connection]:
+    """An orchestrator and an agent of version 1.AGENT_MINOR, capture on and HOLD sent."""
+    orch, agent = Connection(Role.ORCHESTRATOR), Connection(Role.AGENT)
+    deliver(orch, agent, orch.make_hello("orch"))
+    features = SUPPORTED_FEATURES if agent_minor >= 2 else SUPPORTED_FEATURES & ~Feature.HOLD_ACK
+    deliver(agent, orch, Hello(Role.AGENT, "agent", features, (1, agent_minor)))
+    deliver(orch, agent, Prepare(MID, "vm1", NICS))
+    deliver(agent, orch, Prepared(MID))
+    deliver(orch, agent, CaptureOn(MID))
+    deliver(agent, orch, Ack(MID, MsgType.CAPTURE_ON))
+    return orch, agent
+
+
+def test_hold_ack_needs_protocol_1_2() -> None:
+    orch, agent = _hold_sent(1)
+    assert orch.negotiated_version == (1, 1) and Feature.HOLD_ACK not in orch.negotiated_features
+    # ACK(HOLD) before HOLD is refused even where the feature is on.
+    with pytest.raises(LocalProtocolError, match="acknowledged HOLD, which was never sent"):
+        _hold_sent(2)[1].send(Ack(MID, MsgType.HOLD))
+    o2, a2 = _hold_sent(2)
+    deliver(o2, a2, Hold(MID))
+    deliver(a2, o2, Ack(MID, MsgType.HOLD))
+    with pytest.raises(LocalProtocolError, match="twice"):
+        a2.send(Ack(MID, MsgType.HOLD))
+    # A 1.1 agent has no ACK(HOLD); one that sends it anyway is refused.
+    deliver(orch, agent, Hold(MID))
+    with pytest.raises(LocalProtocolError, match="needs the HOLD_ACK feature") as info:
+        agent.send(Ack(MID, MsgType.HOLD))
+    assert info.value.error_code == ErrorCode.FEATURE_NOT_NEGOTIATED
+    o3, a3 = _hold_sent(1)
+    deliver(o3, a3, Hold(MID))
+    ack = encode_message(Ack(MID, MsgType.HOLD))
+    text = expect_remote(o3, ack, ErrorCode.FEATURE_NOT_NEGOTIATED)
+    assert "HOLD_ACK" in text
+
+
 def test_a_1_0_orchestrator_and_a_1_1_agent() -> None:
     orch, agent = Connection(Role.ORCHESTRATOR), Connection(Role.AGENT)
     deliver(orch, agent, Hello(Role.ORCHESTRATOR, "orch-1.0", V1_0_FEATURES, (1, 0)))
@@ -1410,8 +1450,8 @@ def test_docs_examples_decode_to_the_documented_events() -> None:
     expected_hello = Hello(
         role=Role.SOURCE_AGENT,
         identity="src-host",
-        features=Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER,
-        version=(1, 1),
+        features=Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER | Feature.HOLD_ACK,
+        version=(1, 2),
         max_message_bytes=16 * 1024 * 1024,
         max_frames_per_batch=4096,
         max_frame_bytes=65535,

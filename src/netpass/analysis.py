@@ -57,6 +57,9 @@ class ProbeStats:
     lost_outside_window: int
     rtt: RttStats
     rtt_in_window: RttStats
+    # The first reordered replies as (seq, highest seq before it, ms after the window start):
+    # where to look when a run reorders.
+    reordered_at: tuple[tuple[int, int, float | None], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -71,6 +74,7 @@ class ProbeStats:
                 "lost_runs": tuple(LostRun(**r) for r in d["lost_runs"]),
                 "rtt": RttStats(**d["rtt"]),
                 "rtt_in_window": RttStats(**d["rtt_in_window"]),
+                "reordered_at": tuple(tuple(r) for r in d.get("reordered_at", ())),
             }
         )
 
@@ -127,6 +131,7 @@ def analyze(
     first_arrival: dict[int, int] = {}
     arrivals: list[int] = []
     duplicates = reordered = 0
+    reordered_at: list[tuple[int, int, int]] = []
     highest = -1
     for seq, t_ns in data.replies:
         if not 0 <= seq < sent:
@@ -138,6 +143,8 @@ def analyze(
         first_arrival[seq] = t_ns
         if seq < highest:
             reordered += 1
+            if len(reordered_at) < 8:
+                reordered_at.append((seq, highest, t_ns))
         else:
             highest = seq
     received = len(first_arrival)
@@ -195,6 +202,10 @@ def analyze(
         lost_outside_window=lost_total - lost_in,
         rtt=rtt_stats([(t - send_ns[s]) / 1e6 for s, t in first_arrival.items()]),
         rtt_in_window=rtt_stats(win_rtts),
+        reordered_at=tuple(
+            (seq, hi, None if win_start is None else round((t - win_start) / 1e6, 2))
+            for seq, hi, t in reordered_at
+        ),
     )
 
 

@@ -248,6 +248,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         timing = asyncio.run(migrate_stock(a.src_qmp, a.dst_qmp, a.uri, **kw))
     else:
         kw["pause_before_switchover"] = a.pause_before_switchover
+        kw["early_start"] = not a.late_start
         timing = asyncio.run(migrate_netpass(a.src_qmp, a.dst_qmp, a.uri, **kw))  # fmt: skip
     report.print_migration(timing, out_console)
     if a.json:
@@ -270,8 +271,11 @@ def _migrate_with_agents(a: argparse.Namespace, kw: dict[str, Any]) -> Migration
     src, dst = AgentAddress.parse(a.src_agent), AgentAddress.parse(a.dst_agent)
     tls = client_context(a.tls_cert, a.tls_key, a.tls_ca, check_hostname=False)
     return asyncio.run(
-        migrate_two_hosts(a.src_qmp, a.dst_qmp, a.uri, src, dst, tls, netpass=a.netpass, **kw)
-    )
+        migrate_two_hosts(
+            a.src_qmp, a.dst_qmp, a.uri, src, dst, tls, netpass=a.netpass,
+            early_start=not a.late_start, **kw,
+        )
+    )  # fmt: skip
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
@@ -374,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--downtime", type=int, default=None, metavar="MS", help="downtime-limit")
     m.add_argument("--max-bandwidth", type=int, default=None, metavar="BYTES_PER_S")
     m.add_argument("--no-netpass", action="store_true", help="plain QEMU switchover, measured")
+    m.add_argument(
+        "--late-start",
+        action="store_true",
+        help="send the destination's `cont` only once it has loaded the VM (always done when "
+        "it has writable block devices; costs about one QMP round trip of pause)",
+    )
     m.add_argument(
         "--pause-before-switchover",
         action="store_true",

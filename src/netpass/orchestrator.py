@@ -316,6 +316,73 @@ async def _dst_postcopy_paused(dst: Qmp) -> None:
         await asyncio.sleep(0.0005)
 
 
+async def early_start_refusal(dst: Qmp) -> str | None:
+    """None when `cont` may go to the destination while it still loads the VM, else why not.
+
+    QEMU 7.2+ takes a `cont` during `inmigrate` as "start by yourself once loaded", so the
+    destination starts at the moment a stock one does instead of one QMP round trip after it.
+    But that `cont` also activates every block node at once, while the source may still write
+    to them: only safe when no node is writable (the default after loading activates them
+    only once the source has stopped).
+    """
+    nodes = await dst.cmd("query-named-block-nodes")
+    writable = sorted({str(n.get("node-name") or "?") for n in nodes if not n.get("ro", False)})
+    for b in await dst.cmd("query-block"):
+        ins = b.get("inserted")
+        if ins and not ins.get("ro", False):
+            writable.append(str(b.get("qdev") or b.get("device") or "?"))
+    if writable:
+        return f"writable block devices ({', '.join(writable[:4])}): started after loading"
+    return None
+
+
+async def start_early(dst: Qmp) -> str | None:
+    """Send the early `cont` (see early_start_refusal): 'armed' if QEMU will start the VM once
+    loaded, 'started' if it had loaded already; None if it refused (or is gone), in which case
+    the caller waits for the load and sends `cont` then."""
+    try:
+        await dst.cmd("cont")
+    except MigrationError:
+        return None
+    # A loaded VM starts inside the command, so its RESUME comes before the reply.
+    return "started" if any(e.name == "RESUME" for e in dst.events) else "armed"
+
+
+def start_note(started_early: str | None, refusal: str | None) -> str:
+    if started_early == "armed":
+        return "by QEMU once loaded (cont sent while it loaded)"
+    if started_early == "started":
+        # Sent once the hold closed, but QEMU runs no QMP command while it loads the final
+        # device state: the `cont` waited in its queue and ran right after the load.
+        return "cont queued during the load, run as it ended"
+    return f"cont after loading: {refusal or 'the destination refused the early cont'}"
+
+
+async def dst_resumed(src: Qmp, dst: Qmp, timeout: float) -> bool:
+    """True once the destination runs (RESUME); False if the migration failed first."""
+    ev = await wait_first(
+        [(dst, is_event("RESUME")), (src, src_failed)], timeout, "destination RESUME"
+    )
+    return ev.name == "RESUME"
+
+
+async def wait_first(
+    waits: list[tuple[Qmp, Callable[[Event], bool]]], timeout: float, what: str
+) -> Event:
+    """The first event matching one of WAITS (each on its own QMP session)."""
+    tasks = [asyncio.create_task(q.wait_event(pred, timeout, what=what)) for q, pred in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t in done and t.exception() is None:
+                return t.result()
+        raise next(t.exception() for t in tasks if t in done)  # type: ignore[misc]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def stable_used(q: Qmp, nic: NicInfo) -> int:
     """The RX used-idx once it stops moving: frames QEMU read before the redirect may still
     wait in its queue for guest buffers, so only a settled count is a baseline."""
@@ -382,13 +449,16 @@ async def migrate_netpass(
     progress: ProgressFn | None = None,
     timeout: float = 300.0,
     pause_before_switchover: bool = False,
+    early_start: bool = True,
 ) -> MigrationTiming:
-    """Migrate with the netpass switchover: no frame that reaches the source is lost."""
+    """Migrate with the netpass switchover: no frame that reaches the source is lost.
+    EARLY_START=False always starts the destination one `cont` after it has loaded."""
     params = _params(downtime_ms, max_bandwidth)
     async with _sessions(src_qmp, dst_qmp) as (src, dst):
         tl = NetpassTimeline(
             src, dst, uri, postcopy, params, progress, timeout, pause_before_switchover
         )
+        tl.early_start = early_start
         return await tl.run()
 
 
@@ -424,6 +494,11 @@ class NetpassTimeline:
         self.error: str | None = None
         self.phase = Phase(progress)
         self.injected_ns: int | None = None  # when the last rescued frame was injected
+        self.early_refusal: str | None = "not decided"  # None: `cont` while loading (step 8)
+        self.early_start = True  # may the destination get `cont` while it loads (step 8)
+        self.started_early: str | None = None  # start_early's answer
+        self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
+        self.cont_after_stop: float | None = None  # the destination's `cont`, s after that
 
     def _fail_datapath(self, e: BaseException) -> None:
         if self.error is None:
@@ -478,6 +553,9 @@ class NetpassTimeline:
         await _set_caps(self.src, self.dst, self.postcopy, self.pause_before_switchover)
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
+        self.early_refusal = (
+            await early_start_refusal(self.dst) if self.early_start else "disabled (--late-start)"
+        )
 
     # 2. Capture on: from here every frame for the guest passes through netpass.
     async def _capture_on(self) -> None:
@@ -529,18 +607,32 @@ class NetpassTimeline:
         if ev.name != "STOP":
             return False
         self.phase.enter("switch")
+        self.stop_seen = time.monotonic()
         for p in self.pairs:
             p.src.stop_relay()  # a stopped guest takes nothing more
-        side_work = asyncio.gather(self._account(), self._flush_destination())
+        flushed = asyncio.create_task(self._flush_destination())
+        accounted = asyncio.create_task(self._account())
         try:
             if self.pause_before_switchover and not await self._continue_after_pause():
                 return False
-            loaded = await self._dst_loaded()
+            if self.early_refusal is None:
+                # The hold is closed and the owed frames are known before the destination may
+                # run: frames reaching its tap from then on wait behind the rescued ones.
+                await asyncio.gather(flushed, accounted)
+                self.cont_after_stop = time.monotonic() - self.stop_seen
+                self.started_early = await start_early(self.dst)
+            if self.started_early:
+                started = await dst_resumed(self.src, self.dst, self.timeout)
+            else:
+                started = await self._dst_loaded()
+                if started:
+                    await flushed
+                    self.cont_after_stop = time.monotonic() - self.stop_seen
+                    await self.dst.cmd("cont")
         finally:
-            await side_work
-        if not loaded:
+            await asyncio.gather(flushed, accounted)
+        if not started:
             return False
-        await self.dst.cmd("cont")
         self.timing.dst_resume_ns = (
             await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
         ).t_ns
@@ -669,6 +761,9 @@ class NetpassTimeline:
                 (self.injected_ns - t.dst_resume_ns) / 1e6, 2
             )
         flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
+        flat["destination start"] = start_note(self.started_early, self.early_refusal)
+        if self.cont_after_stop is not None:
+            flat["cont sent after STOP seen (ms)"] = round(self.cont_after_stop * 1e3, 2)
         if self.error:
             flat["error"] = self.error
         t.netpass = {**flat, "nics": nics}

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import uuid4
@@ -32,14 +33,19 @@ from netpass.orchestrator import (
     _set_caps,
     _status,
     dst_loaded,
+    dst_resumed,
+    early_start_refusal,
     migrate_stock,
     src_failed,
     stable_used,
+    start_early,
     start_migration,
+    start_note,
     wait_completed,
 )
 from netpass.qmp import Qmp, is_event
 from netpass.results import MigrationTiming
+from netpass.wire import Feature
 
 M = TypeVar("M", bound=wire.Message)
 NETPASS_MODES = ("required", "preferred", "off")
@@ -80,6 +86,7 @@ async def migrate_two_hosts(
     max_bandwidth: int | None = None,
     progress: ProgressFn | None = None,
     timeout: float = 300.0,
+    early_start: bool = True,
 ) -> MigrationTiming:
     """Migrate with the per-host agents doing each host's half of the switchover.
 
@@ -116,7 +123,7 @@ async def migrate_two_hosts(
     try:
         async with _sessions(src_qmp, dst_qmp) as (src, dst):
             tl = TwoHostTimeline(src, dst, uri, src_ch, dst_ch, dst_agent, postcopy, params)
-            tl.phase.progress, tl.timeout = progress, timeout
+            tl.phase.progress, tl.timeout, tl.early_start = progress, timeout, early_start
             return await tl.run()
     finally:
         for ch in (src_ch, dst_ch):
@@ -191,6 +198,11 @@ class TwoHostTimeline:
         self.summaries: dict[str, tuple[wire.NicSummary, ...]] = {}
         self.clocks: tuple[ClockEstimate, ClockEstimate] | None = None
         self.counts: dict[str, dict[str, int]] = {}
+        self.early_start = True  # may the destination get `cont` while it loads
+        self.early_refusal: str | None = "not decided"  # None: it may
+        self.started_early: str | None = None  # start_early's answer
+        self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
+        self.cont_after_stop: float | None = None  # the destination's `cont`, s after that
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -263,6 +275,12 @@ class TwoHostTimeline:
         await _set_caps(self.src, self.dst, self.postcopy, False)
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
+        if not self.early_start:
+            self.early_refusal = "disabled (--late-start)"
+        elif Feature.HOLD_ACK not in self.dst_ch.features:
+            self.early_refusal = "the destination agent does not confirm its hold (protocol < 1.2)"
+        else:
+            self.early_refusal = await early_start_refusal(self.dst)
 
     # 2. Capture on at the source, the relay's baseline, the destination armed.
     async def _capture_on(self) -> None:
@@ -307,14 +325,29 @@ class TwoHostTimeline:
         if ev.name != "STOP":
             return False
         self.phase.enter("switch")
+        self.stop_seen = time.monotonic()
+        await self._hold()
         accounting = asyncio.create_task(self._account())
         try:
-            loaded = await self._dst_loaded()
+            if self.early_refusal is None:
+                # As in one host: the hold is closed and the source agent has the final used-idx
+                # before the destination may run.
+                if self.live and Feature.HOLD_ACK in self.dst_ch.features:
+                    await self._hold_closed()
+                await accounting
+                self.cont_after_stop = time.monotonic() - self.stop_seen
+                self.started_early = await start_early(self.dst)
+            if self.started_early:
+                started = await dst_resumed(self.src, self.dst, self.timeout)
+            else:
+                started = await self._dst_loaded()
+                if started:
+                    self.cont_after_stop = time.monotonic() - self.stop_seen
+                    await self.dst.cmd("cont")
         finally:
             await accounting
-        if not loaded:
+        if not started:
             return False
-        await self.dst.cmd("cont")
         resume = await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
         self.timing.dst_resume_ns = resume.t_ns
         if self.live:
@@ -325,12 +358,28 @@ class TwoHostTimeline:
         self.phase.enter("deliver")
         return True
 
-    async def _account(self) -> None:
+    async def _hold(self) -> None:
+        """The source agent stops relaying; the destination agent closes its hold."""
         if not self.live:
             return
         try:
             await self._used(wire.UsedPhase.STOPPED, [])
             await self._send("destination", wire.Hold(self.mid))
+        except (ChannelError, NetpassError) as e:
+            self._fail(e)
+
+    async def _hold_closed(self) -> None:
+        try:
+            ack = await _expect(self.dst_ch, wire.Ack, "destination", timeout=5)
+            if ack.acked != wire.MsgType.HOLD:
+                raise ChannelError(f"destination agent: ACK({ack.acked.name}) instead of ACK(HOLD)")
+        except (ChannelError, NetpassError, TimeoutError) as e:
+            self._fail(e)
+
+    async def _account(self) -> None:
+        if not self.live:
+            return
+        try:
             final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.FINAL, final)
         except (ChannelError, NetpassError) as e:
@@ -410,6 +459,9 @@ class TwoHostTimeline:
         for side, counts in self.counts.items():
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
+        flat["destination start"] = start_note(self.started_early, self.early_refusal)
+        if self.cont_after_stop is not None:
+            flat["cont sent after STOP seen (ms)"] = round(self.cont_after_stop * 1e3, 2)
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat

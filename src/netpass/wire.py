@@ -10,7 +10,8 @@ Two channels share one message set and one state machine:
 
 * control: ORCHESTRATOR (leads) <-> AGENT (follows), one connection per host; since version
   1.1 (feature SWITCHOVER) the orchestrator also tells the agents what QMP said (NIC_FILTER,
-  PEER, USED_IDX, HOLD);
+  PEER, USED_IDX, HOLD); since 1.2 (feature HOLD_ACK) the agent acknowledges HOLD once the
+  hold is closed;
 * frames:  SOURCE_AGENT (leads) <-> DEST_AGENT (follows), carrying the captured frames.
 
 docs/protocol.md is the normative description; tests decode its hex examples.
@@ -87,7 +88,7 @@ __all__ = [
     "encode_message",
 ]
 
-PROTOCOL_VERSION: Final[tuple[int, int]] = (1, 1)
+PROTOCOL_VERSION: Final[tuple[int, int]] = (1, 2)
 MAGIC: Final = b"NPAS"
 _HEADER: Final = struct.Struct(">4sBBHI")  # magic, major version, type, flags, body length
 HEADER_SIZE: Final = _HEADER.size
@@ -215,15 +216,19 @@ class Feature(enum.IntFlag):
     VNET_HDR = 1 << 0  # frame records may carry a virtio-net header
     COUNTS = 1 << 1  # COUNTS messages may be sent
     SWITCHOVER = 1 << 2  # NIC_FILTER, PEER, USED_IDX and HOLD may be sent (version 1.1)
+    HOLD_ACK = 1 << 3  # the agent answers HOLD with ACK(HOLD) once the hold is closed (1.2)
 
 
-SUPPORTED_FEATURES: Final = Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER
+SUPPORTED_FEATURES: Final = (
+    Feature.VNET_HDR | Feature.COUNTS | Feature.SWITCHOVER | Feature.HOLD_ACK
+)
 # The minor version that defined each feature: to a side of an older minor version the bit is
 # unknown, so it cannot announce it and a peer's announcement of it does not count.
 _FEATURE_SINCE: Final[Mapping[Feature, int]] = {
     Feature.VNET_HDR: 0,
     Feature.COUNTS: 0,
     Feature.SWITCHOVER: 1,
+    Feature.HOLD_ACK: 2,
 }
 
 
@@ -447,7 +452,7 @@ class CaptureOn(Message):
 
 @dataclass(frozen=True, slots=True)
 class Ack(Message):
-    """Acknowledges CAPTURE_ON, END, ABORT or GIVE_BACK."""
+    """Acknowledges CAPTURE_ON, END, ABORT, GIVE_BACK or (feature HOLD_ACK) HOLD."""
 
     TYPE: ClassVar[MsgType] = MsgType.ACK
     migration_id: UUID
@@ -645,6 +650,7 @@ _ACK_SENDERS: Final[Mapping[MsgType, frozenset[Role]]] = {
     MsgType.END: frozenset({Role.ORCHESTRATOR, Role.DEST_AGENT}),
     MsgType.ABORT: _ALL_ROLES,
     MsgType.GIVE_BACK: _LEADERS,
+    MsgType.HOLD: _FOLLOWERS,
 }
 
 
@@ -1907,6 +1913,12 @@ class Connection:
                 _need(a in o.sent, f"{who} acknowledged {a.name}, which was never sent", _UNEXP)
                 if a is MsgType.CAPTURE_ON:
                     _need(MsgType.PREPARED in s.sent, f"{who} ACKed CAPTURE_ON unprepared", _UNEXP)
+                if a is MsgType.HOLD:
+                    _need(
+                        Feature.HOLD_ACK in self._features,
+                        "ACK(HOLD) needs the HOLD_ACK feature on both sides (protocol 1.2)",
+                        ErrorCode.FEATURE_NOT_NEGOTIATED,
+                    )
             case VmStarted() | End() | GiveBack():
                 _need(acked_capture, f"{who} sent {t.name} before capture was armed", _UNEXP)
                 if isinstance(msg, End):

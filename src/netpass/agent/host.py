@@ -503,6 +503,8 @@ class HostAgent:
                         src.used_idx(ev.phase, ev.entries)
                 elif isinstance(ev, wire.Hold) and dst is not None:
                     await dst.hold()
+                    if wire.Feature.HOLD_ACK in ch.features:  # the VM may start now
+                        await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
                 elif isinstance(ev, wire.VmStarted) and dst is not None:
                     dst.vm_started(ev.started_ns)
                     if dst.frames is not None:
