@@ -71,6 +71,8 @@ def test_two_host_lossless(lab2: lab.LabState, postcopy: bool) -> None:
     assert 0 <= n["rescued injected after RESUME (ms)"] < 1000 and n["held"] >= 0
     # The agent confirmed its hold (ACK(HOLD)), so `cont` went out before the load ended.
     assert str(n["destination start"]).startswith(("by QEMU once loaded", "cont queued")), n
+    # Postcopy: readied before netpass has the source stop (HOLD to both agents, then cont).
+    assert (n["cont sent after STOP seen (ms)"] < 0) is postcopy, n
     # Both lab "hosts" share this machine's clock: the measured offset is ~0 within its bound.
     assert abs(n["clock offset dst-src (ms)"]) <= n["pause uncertainty ± (ms)"] + 0.5
     pause = run.timing.true_pause_ms

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,16 +397,25 @@ async def stable_used(q: Qmp, nic: NicInfo) -> int:
 
 
 async def start_migration(
-    src: Qmp, dst: Qmp, uri: str, postcopy: bool, timing: MigrationTiming, phase: Phase
+    src: Qmp,
+    dst: Qmp,
+    uri: str,
+    postcopy: bool,
+    timing: MigrationTiming,
+    phase: Phase,
+    before_postcopy: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Destination listens, source streams; postcopy switches as soon as the stream is active
-    (an idle guest would otherwise converge in precopy before postcopy ever starts)."""
+    (an idle guest would otherwise converge in precopy before postcopy ever starts), after
+    BEFORE_POSTCOPY has run."""
     await dst.cmd("migrate-incoming", uri=uri)
     phase.enter("precopy")
     timing.migrate_start_ns = time.time_ns()
     await src.cmd("migrate", uri=uri)
     if postcopy:
         await _wait_active(src)
+        if before_postcopy is not None:
+            await before_postcopy()
         timing.postcopy_start_ns = time.time_ns()
         await src.cmd("migrate-start-postcopy")
         phase.enter("postcopy")
@@ -498,7 +507,8 @@ class NetpassTimeline:
         self.early_start = True  # may the destination get `cont` while it loads (step 8)
         self.started_early: str | None = None  # start_early's answer
         self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.cont_after_stop: float | None = None  # the destination's `cont`, s after that
+        self.cont_t: float | None = None  # monotonic time the destination's `cont` went out
+        self.armed = False  # postcopy: hold closed and `cont` sent before the source stopped
 
     def _fail_datapath(self, e: BaseException) -> None:
         if self.error is None:
@@ -578,7 +588,21 @@ class NetpassTimeline:
         return await stable_used(self.src, p.src.nic)
 
     async def _start_migration(self) -> None:
-        await start_migration(self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase)
+        await start_migration(
+            self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase,
+            self._arm_destination,
+        )  # fmt: skip
+
+    async def _arm_destination(self) -> None:
+        """Postcopy: netpass itself says when the source stops, so the destination is readied
+        before: hold closed (floods from here on reach the destination, not the source guest)
+        and the early `cont`, which QEMU runs at once (it is not loading device state yet) and
+        which makes it start the VM as soon as it has it, as a stock destination would."""
+        self.armed = True
+        await self._flush_destination()
+        if self.early_refusal is None:
+            self.cont_t = time.monotonic()
+            self.started_early = await start_early(self.dst)
 
     async def _watch(self) -> None:
         """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
@@ -610,16 +634,16 @@ class NetpassTimeline:
         self.stop_seen = time.monotonic()
         for p in self.pairs:
             p.src.stop_relay()  # a stopped guest takes nothing more
-        flushed = asyncio.create_task(self._flush_destination())
+        flushed = asyncio.create_task(asyncio.sleep(0) if self.armed else self._flush_destination())
         accounted = asyncio.create_task(self._account())
         try:
             if self.pause_before_switchover and not await self._continue_after_pause():
                 return False
-            if self.early_refusal is None:
+            if self.early_refusal is None and self.started_early is None:
                 # The hold is closed and the owed frames are known before the destination may
                 # run: frames reaching its tap from then on wait behind the rescued ones.
                 await asyncio.gather(flushed, accounted)
-                self.cont_after_stop = time.monotonic() - self.stop_seen
+                self.cont_t = time.monotonic()
                 self.started_early = await start_early(self.dst)
             if self.started_early:
                 started = await dst_resumed(self.src, self.dst, self.timeout)
@@ -627,7 +651,7 @@ class NetpassTimeline:
                 started = await self._dst_loaded()
                 if started:
                     await flushed
-                    self.cont_after_stop = time.monotonic() - self.stop_seen
+                    self.cont_t = time.monotonic()
                     await self.dst.cmd("cont")
         finally:
             await asyncio.gather(flushed, accounted)
@@ -762,8 +786,9 @@ class NetpassTimeline:
             )
         flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
         flat["destination start"] = start_note(self.started_early, self.early_refusal)
-        if self.cont_after_stop is not None:
-            flat["cont sent after STOP seen (ms)"] = round(self.cont_after_stop * 1e3, 2)
+        if self.cont_t is not None:
+            # Negative in postcopy: netpass readied the destination before the source stopped.
+            flat["cont sent after STOP seen (ms)"] = round((self.cont_t - self.stop_seen) * 1e3, 2)
         if self.error:
             flat["error"] = self.error
         t.netpass = {**flat, "nics": nics}

@@ -43,7 +43,10 @@ CATCHUP_BURST_MIN = 16
 CATCHUP_BURST_PER_RATE = 4.0  # frames less burst per frame/ms of arrival rate
 CATCHUP_MIN_PER_MS = 6.0
 CATCHUP_FACTOR = 1.2
-QUIET_S = 0.005  # the source tap has been quiet this long: the switch now points at the dest
+# The source tap has been quiet this long: the switch now points at the destination. 5 ms
+# once let 2 frames through: on a loaded 2-core host they reached the capture socket more than
+# 5 ms after the frame before them, so the hold had opened (one run in about 110).
+QUIET_S = 0.010
 RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME
 RELEASE_MAX_S = 10.0  # a paced release that has not drained by then opens fully
 # The relay wakes at most once per BATCH_S and moves everything queued: per-frame wake-ups (of
@@ -213,9 +216,11 @@ class SourceNic:
         return len(frames)
 
     def set_flush_point(self) -> None:
-        """From now on the destination tap receives its own copy of broadcast/multicast."""
+        """From now on the destination tap receives its own copy of broadcast/multicast (the
+        first call counts: postcopy sets it before the stop, the accounting again after)."""
         with self._lock:
-            self._flush_ns = time.time_ns()
+            if self._flush_ns is None:
+                self._flush_ns = time.time_ns()
 
     def arrival_per_ms(self) -> float | None:
         """The rate frames arrived at since capture-on (None before it)."""
@@ -368,16 +373,17 @@ class SourceNic:
             c.drop("own frame (the VM's own, flooded back)")
         elif not self.nic.rx_filter.accepts(data):
             c.drop("guest RX filter rejects it")
+        elif (
+            data[0] & BROADCAST_OR_MULTICAST
+            and self._flush_ns is not None
+            and fr.ts_ns >= self._flush_ns
+        ):
+            # The destination tap has its own copy, held for the guest: neither relayed to the
+            # source guest (postcopy flushes before the stop) nor rescued.
+            c.drop("flood also delivered at the destination")
         elif self._rescue is not None:
-            if (
-                data[0] & BROADCAST_OR_MULTICAST
-                and self._flush_ns is not None
-                and fr.ts_ns >= self._flush_ns
-            ):
-                c.drop("flood also delivered at the destination")
-            else:
-                self._rescue.append(data)
-                c.rescued += 1
+            self._rescue.append(data)
+            c.rescued += 1
         else:
             self._pending.append(data)
 

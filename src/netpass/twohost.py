@@ -202,7 +202,8 @@ class TwoHostTimeline:
         self.early_refusal: str | None = "not decided"  # None: it may
         self.started_early: str | None = None  # start_early's answer
         self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.cont_after_stop: float | None = None  # the destination's `cont`, s after that
+        self.cont_t: float | None = None  # monotonic time the destination's `cont` went out
+        self.armed = False  # postcopy: destination readied before the source stopped
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -299,7 +300,10 @@ class TwoHostTimeline:
         await self._send("source", wire.UsedIdx(self.mid, phase, tuple(entries)))
 
     async def _start_migration(self) -> None:
-        await start_migration(self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase)
+        await start_migration(
+            self.src, self.dst, self.uri, self.postcopy, self.timing, self.phase,
+            self._arm_destination,
+        )  # fmt: skip
 
     async def _watch(self) -> None:
         while True:
@@ -329,20 +333,20 @@ class TwoHostTimeline:
         await self._hold()
         accounting = asyncio.create_task(self._account())
         try:
-            if self.early_refusal is None:
+            if self.early_refusal is None and self.started_early is None:
                 # As in one host: the hold is closed and the source agent has the final used-idx
                 # before the destination may run.
-                if self.live and Feature.HOLD_ACK in self.dst_ch.features:
+                if self.live and not self.armed and Feature.HOLD_ACK in self.dst_ch.features:
                     await self._hold_closed()
                 await accounting
-                self.cont_after_stop = time.monotonic() - self.stop_seen
+                self.cont_t = time.monotonic()
                 self.started_early = await start_early(self.dst)
             if self.started_early:
                 started = await dst_resumed(self.src, self.dst, self.timeout)
             else:
                 started = await self._dst_loaded()
                 if started:
-                    self.cont_after_stop = time.monotonic() - self.stop_seen
+                    self.cont_t = time.monotonic()
                     await self.dst.cmd("cont")
         finally:
             await accounting
@@ -359,14 +363,40 @@ class TwoHostTimeline:
         return True
 
     async def _hold(self) -> None:
-        """The source agent stops relaying; the destination agent closes its hold."""
+        """The source agent stops relaying; the destination agent closes its hold (postcopy:
+        closed before already)."""
         if not self.live:
             return
         try:
             await self._used(wire.UsedPhase.STOPPED, [])
+            if not self.armed:
+                await self._send("destination", wire.Hold(self.mid))
+        except (ChannelError, NetpassError) as e:
+            self._fail(e)
+
+    async def _arm_destination(self) -> None:
+        """Postcopy: netpass itself says when the source stops, so the destination is readied
+        before: its hold closed and confirmed, the source agent told that floods now reach
+        the destination (it stops relaying them), and the early `cont`, which QEMU runs while
+        the destination is not yet loading device state: it then starts the VM as soon as
+        it has it, as a stock destination would."""
+        self.armed = True
+        if not (self.live and Feature.HOLD_ACK in self.dst_ch.features):
+            return
+        try:
             await self._send("destination", wire.Hold(self.mid))
         except (ChannelError, NetpassError) as e:
             self._fail(e)
+            return
+        await self._hold_closed()
+        if self.live and Feature.HOLD_ACK in self.src_ch.features:
+            try:
+                await self._send("source", wire.Hold(self.mid))  # the flood point
+            except (ChannelError, NetpassError) as e:
+                self._fail(e)
+        if self.live and self.early_refusal is None:
+            self.cont_t = time.monotonic()
+            self.started_early = await start_early(self.dst)
 
     async def _hold_closed(self) -> None:
         try:
@@ -460,8 +490,9 @@ class TwoHostTimeline:
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
         flat["destination start"] = start_note(self.started_early, self.early_refusal)
-        if self.cont_after_stop is not None:
-            flat["cont sent after STOP seen (ms)"] = round(self.cont_after_stop * 1e3, 2)
+        if self.cont_t is not None:
+            # Negative in postcopy: netpass readied the destination before the source stopped.
+            flat["cont sent after STOP seen (ms)"] = round((self.cont_t - self.stop_seen) * 1e3, 2)
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat

@@ -185,6 +185,12 @@ class SourceSession:
             for half in self.halves.values():
                 half.stop_relay()
 
+    def flood_point(self) -> None:
+        """From now on floods captured here also reach the destination's hold: neither relay
+        nor owe them."""
+        for half in self.halves.values():
+            half.set_flush_point()
+
     async def final(self, entries: tuple[tuple[int, int], ...]) -> None:
         """The used-idx at the stop: account, drain, and start streaming what is owed."""
         for nic_id, u in entries:
@@ -504,6 +510,11 @@ class HostAgent:
                 elif isinstance(ev, wire.Hold) and dst is not None:
                     await dst.hold()
                     if wire.Feature.HOLD_ACK in ch.features:  # the VM may start now
+                        await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
+                elif isinstance(ev, wire.Hold) and src is not None:
+                    # 1.2: the destination hold is closed; floods reach the destination now.
+                    src.flood_point()
+                    if wire.Feature.HOLD_ACK in ch.features:
                         await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
                 elif isinstance(ev, wire.VmStarted) and dst is not None:
                     dst.vm_started(ev.started_ns)
