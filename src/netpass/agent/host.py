@@ -126,6 +126,9 @@ class SessionError(NetpassError):
 
 
 # --- source host ---------------------------------------------------------------------------
+PRESTART_POLL_S = 0.005  # how often the stream looks for owed frames before the VM starts
+
+
 class SourceSession:
     """Capture + relay + accounting for one migration; streams the owed frames to the peer."""
 
@@ -227,7 +230,13 @@ class SourceSession:
                     quiet = all(h.quiet_for() >= QUIET_S for h in self.halves.values())
                     if quiet or time.monotonic() > deadline:
                         break
-                await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)
+                else:
+                    # Until the destination runs, the frames only need to be there by then:
+                    # look less often (the pause is when both QEMUs need the CPU), but wake
+                    # at once when it starts.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._peer_started.wait(), PRESTART_POLL_S)
             await ch.send(wire.End(self.mid, ch.conn.frame_summaries()))
             await asyncio.wait({listener}, timeout=END_ACK_TIMEOUT_S)
             if not self._end_acked.is_set():
