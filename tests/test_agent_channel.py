@@ -128,7 +128,7 @@ def test_hello_negotiation_with_mutual_tls(pki: TestPki) -> None:
             assert ch.peer_identity == SERVER_SUBJECT  # from the verified certificate
             assert ch.peer_name == "agent-1"  # from its HELLO
             assert ch.peer_hello.role is wire.Role.AGENT
-            assert ch.version == (1, 1)
+            assert ch.version == wire.PROTOCOL_VERSION
             assert ch.features == wire.Feature.COUNTS  # the server offered only COUNTS
             assert ch.tls_version in ("TLSv1.2", "TLSv1.3")
             await wait_for(lambda: bool(handler.channels))

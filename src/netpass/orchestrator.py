@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from netpass.deststart import DestStart
 from netpass.discovery import NicInfo, discover, qemu_has_flag, used_idx
 from netpass.errors import DatapathError, HostError, MigrationError, UsageError
 from netpass.qmp import Event, Qmp, is_event
@@ -272,117 +273,6 @@ async def migrate(
     return await migrate_stock(src_qmp, dst_qmp, uri, **kw)
 
 
-def src_failed(e: Event) -> bool:
-    return e.name == "MIGRATION" and e.data.get("status") in ("failed", "cancelled")
-
-
-async def dst_loaded(src: Qmp, dst: Qmp, postcopy: bool, timeout: float) -> bool:
-    """True once the destination holds the loaded VM, paused (-S); False if the migration
-    failed (a failed incoming QEMU exits, so the source reports 'failed')."""
-    failed = asyncio.create_task(src.wait_event(src_failed, timeout))
-    loaded = asyncio.create_task(
-        _dst_postcopy_paused(dst) if postcopy else _dst_precopy_done(dst, timeout)
-    )
-    try:
-        done, _ = await asyncio.wait(
-            {failed, loaded}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        for t in (failed, loaded):
-            t.cancel()
-        await asyncio.gather(failed, loaded, return_exceptions=True)
-    if failed in done and not failed.cancelled() and failed.exception() is None:
-        return False
-    if loaded in done and loaded.exception() is None:
-        return True
-    if failed in done or loaded in done:
-        # The destination's QMP went away: a failed incoming QEMU exits; the source says why.
-        with contextlib.suppress(MigrationError):
-            await src.wait_event(src_failed, 10)
-            return False
-    raise MigrationError("destination did not finish loading the VM")
-
-
-async def _dst_precopy_done(dst: Qmp, timeout: float) -> None:
-    # The incoming side reports 'completed' once the VM is loaded and paused (-S); waiting on
-    # the event (not polling) keeps `cont` one QMP round trip behind it.
-    await dst.wait_event(is_event("MIGRATION", status="completed"), timeout, what="destination")
-
-
-async def _dst_postcopy_paused(dst: Qmp) -> None:
-    # Postcopy: 'completed' only comes once every page is there; the VM is loaded (and paused,
-    # -S) long before, and QEMU announces that with no event: poll.
-    while await _status(dst) != "paused":
-        await asyncio.sleep(0.0005)
-
-
-async def early_start_refusal(dst: Qmp) -> str | None:
-    """None when `cont` may go to the destination while it still loads the VM, else why not.
-
-    QEMU 7.2+ takes a `cont` during `inmigrate` as "start by yourself once loaded", so the
-    destination starts at the moment a stock one does instead of one QMP round trip after it.
-    But that `cont` also activates every block node at once, while the source may still write
-    to them: only safe when no node is writable (the default after loading activates them
-    only once the source has stopped).
-    """
-    nodes = await dst.cmd("query-named-block-nodes")
-    writable = sorted({str(n.get("node-name") or "?") for n in nodes if not n.get("ro", False)})
-    for b in await dst.cmd("query-block"):
-        ins = b.get("inserted")
-        if ins and not ins.get("ro", False):
-            writable.append(str(b.get("qdev") or b.get("device") or "?"))
-    if writable:
-        return f"writable block devices ({', '.join(writable[:4])}): started after loading"
-    return None
-
-
-async def start_early(dst: Qmp) -> str | None:
-    """Send the early `cont` (see early_start_refusal): 'armed' if QEMU will start the VM once
-    loaded, 'started' if it had loaded already; None if it refused (or is gone), in which case
-    the caller waits for the load and sends `cont` then."""
-    try:
-        await dst.cmd("cont")
-    except MigrationError:
-        return None
-    # A loaded VM starts inside the command, so its RESUME comes before the reply.
-    return "started" if any(e.name == "RESUME" for e in dst.events) else "armed"
-
-
-def start_note(started_early: str | None, refusal: str | None) -> str:
-    if started_early == "armed":
-        return "by QEMU once loaded (cont sent while it loaded)"
-    if started_early == "started":
-        # Sent once the hold closed, but QEMU runs no QMP command while it loads the final
-        # device state: the `cont` waited in its queue and ran right after the load.
-        return "cont queued during the load, run as it ended"
-    return f"cont after loading: {refusal or 'the destination refused the early cont'}"
-
-
-async def dst_resumed(src: Qmp, dst: Qmp, timeout: float) -> bool:
-    """True once the destination runs (RESUME); False if the migration failed first."""
-    ev = await wait_first(
-        [(dst, is_event("RESUME")), (src, src_failed)], timeout, "destination RESUME"
-    )
-    return ev.name == "RESUME"
-
-
-async def wait_first(
-    waits: list[tuple[Qmp, Callable[[Event], bool]]], timeout: float, what: str
-) -> Event:
-    """The first event matching one of WAITS (each on its own QMP session)."""
-    tasks = [asyncio.create_task(q.wait_event(pred, timeout, what=what)) for q, pred in waits]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for t in tasks:
-            if t in done and t.exception() is None:
-                return t.result()
-        raise next(t.exception() for t in tasks if t in done)  # type: ignore[misc]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def stable_used(q: Qmp, nic: NicInfo) -> int:
     """The RX used-idx once it stops moving: frames QEMU read before the redirect may still
     wait in its queue for guest buffers, so only a settled count is a baseline."""
@@ -503,11 +393,9 @@ class NetpassTimeline:
         self.error: str | None = None
         self.phase = Phase(progress)
         self.injected_ns: int | None = None  # when the last rescued frame was injected
-        self.early_refusal: str | None = "not decided"  # None: `cont` while loading (step 8)
         self.early_start = True  # may the destination get `cont` while it loads (step 8)
-        self.started_early: str | None = None  # start_early's answer
+        self.start = DestStart(src, dst, postcopy)
         self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.cont_t: float | None = None  # monotonic time the destination's `cont` went out
         self.armed = False  # postcopy: hold closed and `cont` sent before the source stopped
 
     def _fail_datapath(self, e: BaseException) -> None:
@@ -563,9 +451,7 @@ class NetpassTimeline:
         await _set_caps(self.src, self.dst, self.postcopy, self.pause_before_switchover)
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
-        self.early_refusal = (
-            await early_start_refusal(self.dst) if self.early_start else "disabled (--late-start)"
-        )
+        await self.start.decide(None if self.early_start else "disabled (--late-start)")
 
     # 2. Capture on: from here every frame for the guest passes through netpass.
     async def _capture_on(self) -> None:
@@ -600,9 +486,7 @@ class NetpassTimeline:
         which makes it start the VM as soon as it has it, as a stock destination would."""
         self.armed = True
         await self._flush_destination()
-        if self.early_refusal is None:
-            self.cont_t = time.monotonic()
-            self.started_early = await start_early(self.dst)
+        await self.start.cont_now()
 
     async def _watch(self) -> None:
         """Progress, and used-idx readings often enough to unwrap the 16-bit counter."""
@@ -639,20 +523,13 @@ class NetpassTimeline:
         try:
             if self.pause_before_switchover and not await self._continue_after_pause():
                 return False
-            if self.early_refusal is None and self.started_early is None:
+
+            async def ready() -> None:
                 # The hold is closed and the owed frames are known before the destination may
                 # run: frames reaching its tap from then on wait behind the rescued ones.
                 await asyncio.gather(flushed, accounted)
-                self.cont_t = time.monotonic()
-                self.started_early = await start_early(self.dst)
-            if self.started_early:
-                started = await dst_resumed(self.src, self.dst, self.timeout)
-            else:
-                started = await self._dst_loaded()
-                if started:
-                    await flushed
-                    self.cont_t = time.monotonic()
-                    await self.dst.cmd("cont")
+
+            started = await self.start.run(ready, self.timeout)
         finally:
             await asyncio.gather(flushed, accounted)
         if not started:
@@ -696,9 +573,6 @@ class NetpassTimeline:
                 p.src.set_flush_point()
         except DatapathError as e:
             self._fail_datapath(e)
-
-    async def _dst_loaded(self) -> bool:
-        return await dst_loaded(self.src, self.dst, self.postcopy, self.timeout)
 
     # 4. Destination: rescued frames first (bypass skips the closed hold), then the hold opens.
     async def _deliver(self) -> None:
@@ -785,10 +659,7 @@ class NetpassTimeline:
                 (self.injected_ns - t.dst_resume_ns) / 1e6, 2
             )
         flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
-        flat["destination start"] = start_note(self.started_early, self.early_refusal)
-        if self.cont_t is not None:
-            # Negative in postcopy: netpass readied the destination before the source stopped.
-            flat["cont sent after STOP seen (ms)"] = round((self.cont_t - self.stop_seen) * 1e3, 2)
+        flat.update(self.start.report(self.stop_seen))
         if self.error:
             flat["error"] = self.error
         t.netpass = {**flat, "nics": nics}

@@ -21,6 +21,7 @@ from uuid import uuid4
 from netpass import wire
 from netpass.agent.channel import Channel, ChannelError, connect
 from netpass.agent.clock import ClockEstimate, estimate_offset
+from netpass.deststart import DestStart, src_failed
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
@@ -32,15 +33,9 @@ from netpass.orchestrator import (
     _sessions,
     _set_caps,
     _status,
-    dst_loaded,
-    dst_resumed,
-    early_start_refusal,
     migrate_stock,
-    src_failed,
     stable_used,
-    start_early,
     start_migration,
-    start_note,
     wait_completed,
 )
 from netpass.qmp import Qmp, is_event
@@ -199,10 +194,8 @@ class TwoHostTimeline:
         self.clocks: tuple[ClockEstimate, ClockEstimate] | None = None
         self.counts: dict[str, dict[str, int]] = {}
         self.early_start = True  # may the destination get `cont` while it loads
-        self.early_refusal: str | None = "not decided"  # None: it may
-        self.started_early: str | None = None  # start_early's answer
+        self.start = DestStart(src, dst, postcopy)
         self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.cont_t: float | None = None  # monotonic time the destination's `cont` went out
         self.armed = False  # postcopy: destination readied before the source stopped
 
     def _fail(self, e: BaseException) -> None:
@@ -277,11 +270,11 @@ class TwoHostTimeline:
         if self.params:
             await self.src.cmd("migrate-set-parameters", **self.params)
         if not self.early_start:
-            self.early_refusal = "disabled (--late-start)"
+            await self.start.decide("disabled (--late-start)")
         elif Feature.HOLD_ACK not in self.dst_ch.features:
-            self.early_refusal = "the destination agent does not confirm its hold (protocol < 1.2)"
+            await self.start.decide("the destination agent does not confirm its hold (< 1.2)")
         else:
-            self.early_refusal = await early_start_refusal(self.dst)
+            await self.start.decide()
 
     # 2. Capture on at the source, the relay's baseline, the destination armed.
     async def _capture_on(self) -> None:
@@ -333,21 +326,15 @@ class TwoHostTimeline:
         await self._hold()
         accounting = asyncio.create_task(self._account())
         try:
-            if self.early_refusal is None and self.started_early is None:
+
+            async def ready() -> None:
                 # As in one host: the hold is closed and the source agent has the final used-idx
                 # before the destination may run.
                 if self.live and not self.armed and Feature.HOLD_ACK in self.dst_ch.features:
                     await self._hold_closed()
                 await accounting
-                self.cont_t = time.monotonic()
-                self.started_early = await start_early(self.dst)
-            if self.started_early:
-                started = await dst_resumed(self.src, self.dst, self.timeout)
-            else:
-                started = await self._dst_loaded()
-                if started:
-                    self.cont_t = time.monotonic()
-                    await self.dst.cmd("cont")
+
+            started = await self.start.run(ready, self.timeout)
         finally:
             await accounting
         if not started:
@@ -394,9 +381,8 @@ class TwoHostTimeline:
                 await self._send("source", wire.Hold(self.mid))  # the flood point
             except (ChannelError, NetpassError) as e:
                 self._fail(e)
-        if self.live and self.early_refusal is None:
-            self.cont_t = time.monotonic()
-            self.started_early = await start_early(self.dst)
+        if self.live:
+            await self.start.cont_now()
 
     async def _hold_closed(self) -> None:
         try:
@@ -414,9 +400,6 @@ class TwoHostTimeline:
             await self._used(wire.UsedPhase.FINAL, final)
         except (ChannelError, NetpassError) as e:
             self._fail(e)
-
-    async def _dst_loaded(self) -> bool:
-        return await dst_loaded(self.src, self.dst, self.postcopy, self.timeout)
 
     # 4. The agents report; the migration finishes.
     async def _finish(self) -> None:
@@ -489,10 +472,7 @@ class TwoHostTimeline:
         for side, counts in self.counts.items():
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
-        flat["destination start"] = start_note(self.started_early, self.early_refusal)
-        if self.cont_t is not None:
-            # Negative in postcopy: netpass readied the destination before the source stopped.
-            flat["cont sent after STOP seen (ms)"] = round((self.cont_t - self.stop_seen) * 1e3, 2)
+        flat.update(self.start.report(self.stop_seen))
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat
