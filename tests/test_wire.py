@@ -359,6 +359,19 @@ def test_recorded_sessions_replay_whole_and_byte_by_byte(
     assert bytewise.events == whole.events
 
 
+def test_recorded_control_session_confirms_the_hold() -> None:
+    """The 1.2 control-channel transcript (what the fuzzer mutates) carries ACK(HOLD)."""
+    orch = fuzz_wire.Responder(Connection(Role.ORCHESTRATOR), "complete")
+    orch.start()
+    stream = next(s for r, sc, s in TRANSCRIPTS if r is Role.ORCHESTRATOR and sc == "complete")
+    orch.feed(stream)
+    assert Ack(_mid_of(orch), MsgType.HOLD) in orch.events
+
+
+def _mid_of(r: fuzz_wire.Responder) -> UUID:
+    return next(e.migration_id for e in r.events if isinstance(e, Prepared))
+
+
 def test_frame_channel_session_states_and_summaries() -> None:
     src, dst = hello_pair()
     assert (src.our_state, src.their_state) == (State.IDLE, State.IDLE)

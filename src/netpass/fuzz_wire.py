@@ -174,12 +174,14 @@ class Responder:
                     self._send(CaptureOn(ev.migration_id))
             case CaptureOn():
                 self._send(Ack(ev.migration_id, MsgType.CAPTURE_ON))
-                if role is Role.AGENT:  # a control-channel agent reports and ends by itself
-                    self._send(VmStarted(ev.migration_id, 1_700_000_000_000_000_000))
-                    self._counts(ev.migration_id)
-                    digest = hashlib.sha256(b"agent").digest()
-                    nics = (NicSummary(0, 3, digest), NicSummary(1, 0, hashlib.sha256().digest()))
-                    self._send(End(ev.migration_id, nics))
+                # A control-channel agent reports and ends by itself; with HOLD_ACK (1.2) only
+                # once it has answered the orchestrator's HOLD.
+                if role is Role.AGENT and Feature.HOLD_ACK not in self._features():
+                    self._agent_end(ev.migration_id)
+            case Hold():
+                if role is Role.AGENT and Feature.HOLD_ACK in self._features():
+                    self._send(Ack(ev.migration_id, MsgType.HOLD))
+                    self._agent_end(ev.migration_id)
             case Ack(acked=MsgType.CAPTURE_ON):
                 if role is Role.SOURCE_AGENT:
                     self._frames(0, 0, 3)
@@ -259,6 +261,13 @@ class Responder:
             return
         for msg in self.conn.batch_frames(nic, [_frame(nic, first + i, vnet) for i in range(n)]):
             self._send(msg)
+
+    def _agent_end(self, mid: UUID) -> None:
+        self._send(VmStarted(mid, 1_700_000_000_000_000_000))
+        self._counts(mid)
+        digest = hashlib.sha256(b"agent").digest()
+        nics = (NicSummary(0, 3, digest), NicSummary(1, 0, hashlib.sha256().digest()))
+        self._send(End(mid, nics))
 
     def _counts(self, mid: UUID) -> None:
         if Feature.COUNTS in self._features():
