@@ -125,3 +125,17 @@ def test_plot_png(runs: list[RunRecord], tmp_path: Path) -> None:
 def test_plot_needs_runs(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         plot_timeline([], tmp_path / "x.png")
+
+
+def test_bench_command_is_rebuilt_from_the_cells() -> None:
+    # `netpass bench --from-raw` puts this in the report header.
+    from netpass.bench import Cell, bench_command
+
+    cells = [
+        Cell(m, pc, 1000, 10 if pc else 20) for pc in (False, True) for m in ("stock", "netpass")
+    ]
+    cells.insert(2, Cell("stock", False, 5000, 20))
+    assert bench_command(cells, agents=True) == (
+        "netpass bench --runs 20 --postcopy-runs 10 --rates 1000 5000 --postcopy-rates 1000 "
+        "--mode stock --mode netpass --agents"
+    )

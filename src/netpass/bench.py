@@ -95,14 +95,33 @@ def cell_of(label: str, runs: int) -> Cell:
     return Cell(mode, copy == "postcopy", int(rate), runs)
 
 
-def render_raw(raw_json: Path, out_md: Path, command: str) -> None:
-    """Rewrite the report from a --raw file (e.g. after a change to the report itself)."""
+def bench_command(cells: list[Cell], agents: bool) -> str:
+    """The `netpass bench` command line that measures CELLS."""
+    pre = [c for c in cells if not c.postcopy]
+    post = [c for c in cells if c.postcopy]
+    rates = list(dict.fromkeys(c.rate for c in pre)) or list(dict.fromkeys(c.rate for c in post))
+    pc_rates = list(dict.fromkeys(c.rate for c in post)) or rates
+    modes = list(dict.fromkeys(c.mode for c in cells))
+    runs = pre[0].runs if pre else 0
+    pc_runs = post[0].runs if post else 0
+    return (
+        f"netpass bench --runs {runs} --postcopy-runs {pc_runs} --rates "
+        f"{' '.join(map(str, rates))} --postcopy-rates {' '.join(map(str, pc_rates))} "
+        + " ".join(f"--mode {m}" for m in modes)
+        + (" --agents" if agents else "")
+    )
+
+
+def render_raw(raw_json: Path, out_md: Path, command: str | None, agents: bool = False) -> None:
+    """Rewrite the report from a --raw file (e.g. after a change to the report itself); the
+    command line in its header is rebuilt from the cells unless COMMAND is given."""
     data = json.loads(raw_json.read_text())
     results = {
         cell_of(label, len(runs)): [report.RunRecord.from_dict(r) for r in runs]
         for label, runs in data.items()
     }
     cells = list(results)
+    command = command or bench_command(cells, agents)
     _write_keeping_setup(out_md, render_markdown(cells, results, machine_info(), command))
 
 
@@ -223,12 +242,7 @@ def run_bench(
     cells = [c for c in cells if c.runs > 0]
     results: dict[Cell, list[report.RunRecord]] = {c: [] for c in cells}
     total = sum(c.runs for c in cells)
-    command = (
-        f"netpass bench --runs {runs} --postcopy-runs {pc_runs} --rates "
-        f"{' '.join(map(str, rates))} --postcopy-rates {' '.join(map(str, pc_rates))} "
-        + " ".join(f"--mode {m}" for m in modes)
-        + (" --agents" if agents else "")
-    )
+    command = bench_command(cells, agents)
     st = lab.up(name, progress=True, agents=agents)
     done = 0
     try:

@@ -196,7 +196,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         bench.run_setup_teardown(a.name, a.rates, a.runs, Path(a.out), out_console)
         return 0
     if a.from_raw:
-        bench.render_raw(Path(a.from_raw), Path(a.out), a.command_text)
+        bench.render_raw(Path(a.from_raw), Path(a.out), a.command_text, agents=a.agents)
         out_console.print(f"wrote {a.out}")
         return 0
     bench.run_bench(
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only measure capture on/off under a probe (appended to --out)",
     )
-    bench.add_argument("--command-text", default="netpass bench", help=argparse.SUPPRESS)
+    bench.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
     bench.add_argument(
         "--agents", action="store_true", help="netpass through per-host agents (two hosts)"
