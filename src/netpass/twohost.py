@@ -196,7 +196,7 @@ class TwoHostTimeline:
         self.early_start = True  # may the destination get `cont` while it loads
         self.start = DestStart(src, dst, postcopy)
         self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.armed = False  # postcopy: destination readied before the source stopped
+        self.armed = False  # postcopy: HOLD went to the destination before the source stopped
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -367,14 +367,14 @@ class TwoHostTimeline:
         the destination (it stops relaying them), and the early `cont`, which QEMU runs while
         the destination is not yet loading device state: it then starts the VM as soon as
         it has it, as a stock destination would."""
-        self.armed = True
         if not (self.live and Feature.HOLD_ACK in self.dst_ch.features):
-            return
+            return  # a 1.1 agent: everything at the stop, as in precopy
         try:
             await self._send("destination", wire.Hold(self.mid))
         except (ChannelError, NetpassError) as e:
             self._fail(e)
             return
+        self.armed = True
         await self._hold_closed()
         if self.live and Feature.HOLD_ACK in self.src_ch.features:
             try:
