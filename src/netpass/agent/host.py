@@ -44,6 +44,7 @@ DEFAULT_FRAME_BUDGET: Final = 256 << 20  # bytes of rescued frames one migration
 STREAM_BATCH: Final = 256
 BACKLOG_BURST_S: Final = 0.003  # FRAMES within this of the first are the stop's backlog
 END_ACK_TIMEOUT_S: Final = 10.0  # the source stops waiting for the destination's ACK(END)
+PRESTART_POLL_S: Final = 0.005  # how often the stream looks for owed frames before VM start
 SOURCE_END_TIMEOUT_S: Final = 30.0  # the destination stops waiting for the source's END
 
 
@@ -126,9 +127,6 @@ class SessionError(NetpassError):
 
 
 # --- source host ---------------------------------------------------------------------------
-PRESTART_POLL_S = 0.005  # how often the stream looks for owed frames before the VM starts
-
-
 class SourceSession:
     """Capture + relay + accounting for one migration; streams the owed frames to the peer."""
 
@@ -200,7 +198,7 @@ class SourceSession:
             half = self.halves[nic_id]
             half.account(u)
             await asyncio.to_thread(half.drain_tap)
-            half.set_flush_point()
+        self.flood_point()  # unless HOLD (postcopy) set it before the stop
         self._streamer = asyncio.create_task(self._stream())
 
     async def _stream(self) -> None:
@@ -516,13 +514,11 @@ class HostAgent:
                         await src.give_back(dict(ev.entries))
                     else:
                         src.used_idx(ev.phase, ev.entries)
-                elif isinstance(ev, wire.Hold) and dst is not None:
-                    await dst.hold()
-                    if wire.Feature.HOLD_ACK in ch.features:  # the VM may start now
-                        await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
-                elif isinstance(ev, wire.Hold) and src is not None:
-                    # 1.2: the destination hold is closed; floods reach the destination now.
-                    src.flood_point()
+                elif isinstance(ev, wire.Hold) and (src is not None or dst is not None):
+                    if dst is not None:
+                        await dst.hold()  # once ACKed, the VM may start
+                    elif src is not None:
+                        src.flood_point()  # 1.2: floods reach the destination's hold now
                     if wire.Feature.HOLD_ACK in ch.features:
                         await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
                 elif isinstance(ev, wire.VmStarted) and dst is not None:
