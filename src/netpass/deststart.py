@@ -31,7 +31,11 @@ class DestStart:
         self.refusal: str | None = "not decided"  # why not early; None: early
         self.early: str | None = None  # start_early's answer once the early `cont` went out
         self.cont_t: float | None = None  # monotonic time the `cont` went out
+        self.stop_t = 0.0  # monotonic time netpass saw the source's STOP
         self._readied = False
+
+    def source_stopped(self) -> None:
+        self.stop_t = time.monotonic()
 
     async def decide(self, why_not: str | None = None) -> None:
         """Early unless WHY_NOT (the caller's reason) or the destination's block nodes say no."""
@@ -62,11 +66,11 @@ class DestStart:
             self._readied = True
             await ready()
 
-    def report(self, stop_seen: float) -> dict[str, object]:
+    def report(self) -> dict[str, object]:
         out: dict[str, object] = {"destination start": self._note()}
         if self.cont_t is not None:
             # Negative in postcopy: netpass readied the destination before the source stopped.
-            out["cont sent after STOP seen (ms)"] = round((self.cont_t - stop_seen) * 1e3, 2)
+            out["cont sent after STOP seen (ms)"] = round((self.cont_t - self.stop_t) * 1e3, 2)
         return out
 
     def _note(self) -> str:

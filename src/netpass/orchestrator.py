@@ -395,8 +395,6 @@ class NetpassTimeline:
         self.injected_ns: int | None = None  # when the last rescued frame was injected
         self.early_start = True  # may the destination get `cont` while it loads (step 8)
         self.start = DestStart(src, dst, postcopy)
-        self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
-        self.armed = False  # postcopy: hold closed and `cont` sent before the source stopped
 
     def _fail_datapath(self, e: BaseException) -> None:
         if self.error is None:
@@ -484,7 +482,6 @@ class NetpassTimeline:
         before: hold closed (floods from here on reach the destination, not the source guest)
         and the early `cont`, which QEMU runs at once (it is not loading device state yet) and
         which makes it start the VM as soon as it has it, as a stock destination would."""
-        self.armed = True
         await self._flush_destination()
         await self.start.cont_now()
 
@@ -515,10 +512,13 @@ class NetpassTimeline:
         if ev.name != "STOP":
             return False
         self.phase.enter("switch")
-        self.stop_seen = time.monotonic()
+        self.start.source_stopped()
         for p in self.pairs:
             p.src.stop_relay()  # a stopped guest takes nothing more
-        flushed = asyncio.create_task(asyncio.sleep(0) if self.armed else self._flush_destination())
+        # Postcopy closed the hold before migrate-start-postcopy (_arm_destination).
+        flushed = asyncio.create_task(
+            asyncio.sleep(0) if self.postcopy else self._flush_destination()
+        )
         accounted = asyncio.create_task(self._account())
         try:
             if self.pause_before_switchover and not await self._continue_after_pause():
@@ -659,7 +659,7 @@ class NetpassTimeline:
                 (self.injected_ns - t.dst_resume_ns) / 1e6, 2
             )
         flat["accounting balanced"] = all(p.src.counters.balanced() for p in self.pairs)
-        flat.update(self.start.report(self.stop_seen))
+        flat.update(self.start.report())
         if self.error:
             flat["error"] = self.error
         t.netpass = {**flat, "nics": nics}

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import uuid4
@@ -195,7 +194,6 @@ class TwoHostTimeline:
         self.counts: dict[str, dict[str, int]] = {}
         self.early_start = True  # may the destination get `cont` while it loads
         self.start = DestStart(src, dst, postcopy)
-        self.stop_seen = 0.0  # monotonic time netpass saw the source's STOP
         self.armed = False  # postcopy: HOLD went to the destination before the source stopped
 
     def _fail(self, e: BaseException) -> None:
@@ -322,7 +320,7 @@ class TwoHostTimeline:
         if ev.name != "STOP":
             return False
         self.phase.enter("switch")
-        self.stop_seen = time.monotonic()
+        self.start.source_stopped()
         await self._hold()
         accounting = asyncio.create_task(self._account())
         try:
@@ -472,7 +470,7 @@ class TwoHostTimeline:
         for side, counts in self.counts.items():
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
-        flat.update(self.start.report(self.stop_seen))
+        flat.update(self.start.report())
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat
