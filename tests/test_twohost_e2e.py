@@ -311,10 +311,8 @@ def _xfail_if_a_guest_died(serials: list[Path]) -> None:
     """The TCG lab guest sometimes dies with a double fault right after RESUME, with or without
     netpass (docs/BENCHMARKS.md): that run says nothing about netpass."""
     for serial in serials:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        if "Kernel panic" in text or "double fault" in text:
-            first = next(ln for ln in text.splitlines() if "panic" in ln.lower() or "fault" in ln)
-            pytest.xfail(f"lab guest died after migration under TCG ({serial.name}: {first})")
+        if (death := lab.guest_death(serial)) is not None:
+            pytest.xfail(f"lab guest died after migration under TCG ({serial.name}: {death})")
 
 
 FAULTS = [

@@ -584,8 +584,15 @@ def survived(pid: int, serial: Path, wait_s: float = WARM_UP_WATCH_S) -> bool:
     """The migrated guest still runs WAIT_S after RESUME (a dying one panics within ~10 ms,
     but QEMU can take longer to exit)."""
     time.sleep(wait_s)
+    return vm.alive(pid) and guest_death(serial) is None
+
+
+def guest_death(serial: Path) -> str | None:
+    """The serial log's first line saying the guest died (panic, double fault), if any."""
     text = serial.read_text(errors="replace") if serial.exists() else ""
-    return vm.alive(pid) and "Kernel panic" not in text and "double fault" not in text
+    return next(
+        (ln for ln in text.splitlines() if "Kernel panic" in ln or "double fault" in ln), None
+    )
 
 
 def _reboot(st: LabState) -> None:
