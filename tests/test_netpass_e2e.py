@@ -89,15 +89,7 @@ def _sockets(st: lab.LabState) -> tuple[str, str, str]:
 
 
 def _src_running(st: lab.LabState) -> str:
-    async def q() -> str:
-        c = Qmp("src", st.status()["source"]["qmp"])
-        await c.connect()
-        try:
-            return str((await c.cmd("query-status"))["status"])
-        finally:
-            await c.close()
-
-    return asyncio.run(q())
+    return str(_qmp(st.status()["source"]["qmp"], ("query-status", {}))[0]["status"])
 
 
 def test_cancel_during_switchover_gives_frames_back(
