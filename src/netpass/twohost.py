@@ -402,14 +402,16 @@ class TwoHostTimeline:
     # 4. The agents report; the migration finishes.
     async def _finish(self) -> None:
         if self.live:
-            try:
-                for side, ch in (("source", self.src_ch), ("destination", self.dst_ch)):
-                    self.counts[side] = {}
+            # Each side on its own: when the source agent fails, the destination agent still
+            # injects what reached it, opens its hold and reports what it delivered.
+            for side, ch in (("source", self.src_ch), ("destination", self.dst_ch)):
+                self.counts[side] = {}
+                try:
                     end = await _expect(ch, wire.End, side, timeout=15, counts=self.counts[side])
                     self.summaries[side] = end.nics
                     await self._send(side, wire.Ack(self.mid, wire.MsgType.END))
-            except (ChannelError, NetpassError, TimeoutError) as e:
-                self._fail(e)
+                except (ChannelError, NetpassError, TimeoutError) as e:
+                    self._fail(e)
         await wait_completed(self.src, self.dst, self.timing, self.timeout)
         self.phase.enter("completed")
 

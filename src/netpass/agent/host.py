@@ -335,6 +335,13 @@ class DestSession:
     def wake(self) -> None:
         self._wake.set()
 
+    def source_gone(self, why: str) -> None:
+        """Nothing more will come from the source agent: deliver what arrived, then open."""
+        if not self.source_ended.is_set():
+            self.source_lost = why
+            self.source_ended.set()
+        self._wake.set()
+
     async def prepare(self) -> None:
         for nic_id, n in self.nics.items():
             half = DestNic(n.info, n.pid, n.netns)
@@ -524,12 +531,11 @@ class HostAgent:
                 elif isinstance(ev, wire.VmStarted) and dst is not None:
                     dst.vm_started(ev.started_ns)
                     if dst.frames is not None:
-                        await dst.frames.send(wire.VmStarted(mid, time.time_ns()))
-                    summaries = await dst.deliver()
-                    await ch.send(wire.Counts(mid, dst.counters()))
-                    await ch.send(wire.End(mid, summaries))
-                    await ch.expect(wire.Ack)
-                    outcome = "completed"
+                        try:
+                            await dst.frames.send(wire.VmStarted(mid, time.time_ns()))
+                        except (ChannelError, NetpassError) as e:
+                            dst.source_gone(f"frame channel: {e}")  # the VM runs: deliver
+                    outcome = await self._dest_end(ch, dst)
                     return
                 elif isinstance(ev, wire.Abort):
                     if src is not None and side == "source":
@@ -587,41 +593,80 @@ class HostAgent:
                 t.cancel()
             await asyncio.gather(fin, nxt, return_exceptions=True)
 
+    async def _dest_end(self, ch: Channel, dst: DestSession) -> str:
+        """After the destination VM started: deliver what the source agent sends, while still
+        listening to the orchestrator: if it gives up on the source agent (ABORT) or goes
+        away, the destination stops waiting and opens its hold now, not after 30 s."""
+        deliver = asyncio.create_task(dst.deliver())
+        nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
+        try:
+            while True:
+                done, _ = await asyncio.wait({deliver, nxt}, return_when=asyncio.FIRST_COMPLETED)
+                if deliver in done:
+                    summaries = deliver.result()
+                    await ch.send(wire.Counts(dst.mid, dst.counters()))
+                    await ch.send(wire.End(dst.mid, summaries))
+                    ack = await nxt
+                    if not isinstance(ack, wire.Ack):
+                        raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
+                    return "completed"
+                if nxt.exception() is not None:
+                    dst.source_gone(f"control channel lost: {nxt.exception()}")
+                    await deliver  # injects what came, then opens the hold
+                    return "channel lost"
+                ev = nxt.result()
+                if isinstance(ev, wire.Abort):
+                    dst.source_gone(f"the orchestrator aborted: {ev.reason}")
+                    await deliver
+                    await ch.send(wire.Ack(dst.mid, wire.MsgType.ABORT))
+                    return "aborted"
+                if isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                    dst.source_gone("the orchestrator closed the control channel")
+                    await deliver
+                    return "channel lost"
+                nxt = asyncio.create_task(ch.recv())
+        finally:
+            for t in (deliver, nxt):
+                t.cancel()
+            await asyncio.gather(deliver, nxt, return_exceptions=True)
+
     def _nic(self, spec: wire.NicSpec) -> _Nic:
         pid, fds = find_tap_owner(spec.tap)
         return _Nic(spec, pid, _nic_info(spec, fds))
 
     # Frame channel: a source agent streams one migration's owed frames.
     async def frames(self, ch: Channel) -> None:
+        """The source agent's stream of owed frames for one migration. However this
+        channel ends (END, a close, a reset), the destination stops waiting for more."""
         session: DestSession | None = None
-        while True:
-            ev = await ch.recv()
-            if isinstance(ev, wire.Prepare):
-                session = self.dest.get(ev.migration_id)
-                if session is None:
-                    await ch.abort_with(
-                        wire.ErrorCode.APPLICATION, f"unknown migration {ev.migration_id}"
-                    )
-                    return
-                session.frames = ch
-                await ch.send(wire.Prepared(ev.migration_id))
-            elif isinstance(ev, wire.CaptureOn) and session is not None:
-                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.CAPTURE_ON))
-            elif isinstance(ev, wire.Frames) and session is not None:
-                try:
-                    session.on_frames(ev)
-                except SessionError as e:
-                    await ch.abort_with(wire.ErrorCode.APPLICATION, str(e))
-                    return
-            elif isinstance(ev, wire.End) and session is not None:
-                session.source_ended.set()
-                session.wake()
-                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.END))
-            elif isinstance(ev, wire.Abort) and session is not None:
-                await ch.send(wire.Ack(ev.migration_id, wire.MsgType.ABORT))
-            elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
-                if session is not None and not session.source_ended.is_set():
-                    session.source_lost = f"frame channel from the source agent closed: {ev}"
+        try:
+            while True:
+                ev = await ch.recv()
+                if isinstance(ev, wire.Prepare):
+                    session = self.dest.get(ev.migration_id)
+                    if session is None:
+                        await ch.abort_with(
+                            wire.ErrorCode.APPLICATION, f"unknown migration {ev.migration_id}"
+                        )
+                        return
+                    session.frames = ch
+                    await ch.send(wire.Prepared(ev.migration_id))
+                elif isinstance(ev, wire.CaptureOn) and session is not None:
+                    await ch.send(wire.Ack(ev.migration_id, wire.MsgType.CAPTURE_ON))
+                elif isinstance(ev, wire.Frames) and session is not None:
+                    try:
+                        session.on_frames(ev)
+                    except SessionError as e:
+                        await ch.abort_with(wire.ErrorCode.APPLICATION, str(e))
+                        return
+                elif isinstance(ev, wire.End) and session is not None:
                     session.source_ended.set()
                     session.wake()
-                return
+                    await ch.send(wire.Ack(ev.migration_id, wire.MsgType.END))
+                elif isinstance(ev, wire.Abort) and session is not None:
+                    await ch.send(wire.Ack(ev.migration_id, wire.MsgType.ABORT))
+                elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                    return
+        finally:
+            if session is not None and not session.source_ended.is_set():
+                session.source_gone("the frame channel from the source agent ended before END")
