@@ -28,25 +28,22 @@ from netpass.discovery import NicInfo
 from netpass.errors import DatapathError
 
 BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
-# Catch-up at the destination: the first `burst` rescued frames go at once, the rest and the
-# held ones at max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR x the rate frames arrived at).
-# A guest handed hundreds of frames in one go answers them faster than its NIC completes the
-# answers and drops the excess: the lab guest's Ip OutDiscards matched every frame the probe
-# lost after an unpaced catch-up at 5000 pps (4 runs of 20), and paced at 10 frames/ms it
-# still lost some right after RESUME (a TCG guest starts slow on the new host). The burst
-# shrinks as the load grows (less headroom): 64 at rest, 60 at 1000 pps, 24 at 10000 pps.
-# Measured (one host, lab guest): at 1000 pps a burst of 64 put the rescued frames in 2.1 ms
-# (median of 8; 5.2 ms with 32), no loss at 5000 pps with 32 or 64 (12 runs each), but at
-# 10000 pps a burst of 64 lost frames in the window in 5 of 8 runs (32: 2 of 8).
-CATCHUP_BURST_MAX = 64
-CATCHUP_BURST_MIN = 16
-CATCHUP_BURST_PER_RATE = 4.0  # frames less burst per frame/ms of arrival rate
+# Catch-up at the destination. Rescued frames go into the tap as fast as it takes them: they
+# are owed, and the tap queue (PREPARED_TXQUEUELEN) holds far more than a pause brings. Frames
+# the hold kept are released at max(CATCHUP_MIN_PER_MS, CATCHUP_FACTOR x the rate frames
+# arrived at), so the queue behind the rescued ones drains without one more burst.
+# History: the rescued frames were paced too (a burst of 64, then this pace) while the lab
+# guest dropped replies to large bursts (Ip OutDiscards: its ICMP socket ran out of send
+# buffer while virtio_net napi_tx kept sent skbs charged). With napi_tx=0 (guest.py), unpaced:
+# 0 lost in 20 runs at 5000 and 10000 pps, rescued frames in the tap 4.3 / 5.6 ms after RESUME
+# instead of 37 / 43 ms (one host, n=10 each).
 CATCHUP_MIN_PER_MS = 6.0
 CATCHUP_FACTOR = 1.2
 # The source tap has been quiet this long: the switch now points at the destination. 5 ms
 # once let 2 frames through: on a loaded 2-core host they reached the capture socket more than
 # 5 ms after the frame before them, so the hold had opened (one run in about 110).
 QUIET_S = 0.010
+EARLY_POLL_S = 0.002  # owed frames move to the loading destination's tap this often
 RESCUE_DEADLINE_S = 0.5  # stop waiting for late source frames after this long past RESUME
 RELEASE_MAX_S = 10.0  # a paced release that has not drained by then opens fully
 # The relay wakes at most once per BATCH_S and moves everything queued: per-frame wake-ups (of
@@ -57,22 +54,15 @@ BATCH_S = 0.002
 
 @dataclass(frozen=True)
 class Catchup:
-    burst: int  # rescued frames injected at once after RESUME
-    per_ms: float  # then rescued and held frames at this pace
+    per_ms: float  # frames the hold kept are released at this pace (frames/ms)
 
 
 def catchup_for(arrival_per_ms: float | None, sharing: int = 1) -> Catchup:
-    """The destination's catch-up for frames that arrived at ARRIVAL_PER_MS (None: unknown,
-    as at rest), when SHARING migrations are being received by this host at once: the burst
-    and the minimum pace are the host's, split between them (never below the arrival rate)."""
+    """The destination's release pace for frames that arrived at ARRIVAL_PER_MS (None:
+    unknown, as at rest), when SHARING migrations are being received by this host at once:
+    the minimum pace is the host's, split between them (never below the arrival rate)."""
     rate = arrival_per_ms or 0.0
-    n = max(1, sharing)
-    burst = round(CATCHUP_BURST_MAX - CATCHUP_BURST_PER_RATE * rate)
-    burst = max(CATCHUP_BURST_MIN, min(CATCHUP_BURST_MAX, burst))
-    return Catchup(
-        max(CATCHUP_BURST_MIN // 2, burst // n),
-        max(CATCHUP_MIN_PER_MS / n, CATCHUP_FACTOR * rate),
-    )
+    return Catchup(max(CATCHUP_MIN_PER_MS / max(1, sharing), CATCHUP_FACTOR * rate))
 
 
 @dataclass
@@ -123,6 +113,11 @@ class SourceNic:
         self._relayed_tail: list[bytes] = []  # relayed frames the source guest did not get
         self._drained: list[bytes] = []  # of those, read back out of the stopped tap queue
         self._relaying = False
+        self._batching = True  # until the destination runs
+        self._dest_runs = False
+        # Owed frames handed out before the destination ran: they may sit in the tap of a
+        # destination that never runs, so a failed migration gives them back from here.
+        self._unconfirmed: list[bytes] = []
         self._rescue: collections.deque[bytes] | None = None  # set once accounted
         self._flush_ns: int | None = None  # after this, floods also reached the destination
         self._mac = bytes.fromhex(nic.mac.replace(":", ""))
@@ -145,6 +140,7 @@ class SourceNic:
         tc.ensure_clsact(self.nic.tap, netns=self.netns)
         self._sock = CaptureSocket(self.cap.ifname, netns=self.netns)
         self._inj = Injector(self.nic.tap, netns=self.netns)
+        self._queue_len = tc.txqueuelen(self.nic.tap, netns=self.netns)
         self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
         self._hdr = tapfd.vnet_hdr_size(self._fd)
 
@@ -222,6 +218,16 @@ class SourceNic:
             if self._flush_ns is None:
                 self._flush_ns = time.time_ns()
 
+    def dest_running(self) -> None:
+        """The destination VM runs: frames still captured here are owed to it now, so read
+        them as they come. (Until then batching cost nothing: nothing could be delivered
+        before RESUME, and fewer wake-ups leave the CPU to the QEMUs during the pause.) The
+        frames taken so far reached a running guest's tap: no longer ours to give back."""
+        with self._lock:
+            self._batching = False
+            self._dest_runs = True
+            self._unconfirmed.clear()
+
     def arrival_per_ms(self) -> float | None:
         """The rate frames arrived at since capture-on (None before it)."""
         if self._capture_on_t is None:
@@ -236,7 +242,10 @@ class SourceNic:
             q = self._rescue
             if q is None:
                 return []
-            return [q.popleft() for _ in range(min(max_frames, len(q)))]
+            out = [q.popleft() for _ in range(min(max_frames, len(q)))]
+            if not self._dest_runs:
+                self._unconfirmed += out
+            return out
 
     def quiet_for(self) -> float:
         """Seconds since the last frame was captured and nothing waits to be read (the relay
@@ -263,7 +272,7 @@ class SourceNic:
                 owed = self._relayed_tail
                 undrained = len(owed) - len(self._drained)
                 missing = owed[: max(0, undrained - delivered)]
-                rest = list(self._rescue)[len(owed) :]
+                rest = [*self._unconfirmed, *self._rescue][len(owed) :]
                 self.counters.consumed += min(delivered, undrained)
                 frames = [*missing, *self._drained, *rest]
             else:
@@ -271,6 +280,7 @@ class SourceNic:
                 # VM and reach it; only the not yet relayed ones are owed.
                 frames = list(self._pending)
             self._rescue = collections.deque()
+            self._unconfirmed.clear()
             self._pending.clear()
         assert self._inj is not None
         for f in frames:
@@ -348,7 +358,8 @@ class SourceNic:
             while not self._stop.is_set():
                 if not self._sock.wait(0.002):
                     continue
-                time.sleep(BATCH_S)  # let a batch gather
+                if self._batching or self._relaying:
+                    time.sleep(BATCH_S)  # let a batch gather
                 frames = self._sock.recv_many(1024)
                 if frames:
                     self._last_capture = time.monotonic()
@@ -407,8 +418,8 @@ class DestNic:
         self._hdr = 0
         self.flood_discarded = 0
         self.injected = 0
+        self._queue_len = 0  # the tap's txqueuelen
         self._pace: float | None = None
-        self._burst = CATCHUP_BURST_MAX
         self._hold_created = False
 
     def prepare(self) -> None:
@@ -418,6 +429,7 @@ class DestNic:
         self._hold_created = not tc.has_hold(self.nic.tap, netns=self.netns)
         self.hold.install_open()
         self._inj = Injector(self.nic.tap, netns=self.netns)
+        self._queue_len = tc.txqueuelen(self.nic.tap, netns=self.netns)
         self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
         self._hdr = tapfd.vnet_hdr_size(self._fd)
 
@@ -430,16 +442,20 @@ class DestNic:
         return self.flood_discarded
 
     def set_catchup(self, c: Catchup) -> None:
-        """How the rescued frames (after the first c.burst) and the held ones are paced."""
-        self._pace, self._burst = c.per_ms, c.burst
+        """How fast the frames the hold kept are released."""
+        self._pace = c.per_ms
+
+    def room_before_start(self) -> int:
+        """Frames that still fit the tap queue while the VM has not run: QEMU reads nothing
+        until then, and the hold keeps every other frame out of it."""
+        return max(0, self._queue_len - 1 - self.injected)
 
     def inject(self, frames: list[bytes]) -> None:
+        """Rescued frames, in order, unpaced (bypass: ahead of everything the hold keeps)."""
         assert self._inj is not None
         for f in frames:
-            if self.injected == self._burst and self._pace:
-                self._inj.set_pace(self._pace)
             self._inj.send(f)
-            self.injected += 1
+            self.injected += 1  # per frame: a failure part-way still counts what went in
 
     def release(self) -> int:
         """Open the hold (paced where the hold can pace); returns how many frames it had kept."""

@@ -3,7 +3,7 @@
 The orchestrator keeps QMP and the timeline; over the control channel it tells the agent what
 QMP said (`USED_IDX`, `HOLD`, `VM_STARTED`). On the source host the agent runs `SourceNic`
 (capture, relay, accounting) and streams the owed frames straight to the destination host's
-agent over the frame channel; there the agent runs `DestNic` (hold, paced bypass injection).
+agent over the frame channel; there the agent runs `DestNic` (hold, bypass injection).
 
 Which half a migration is on this host follows from the orchestrator's messages: a `PEER`
 (where the destination agent listens) before `CAPTURE_ON` makes it the source.
@@ -254,6 +254,8 @@ class SourceSession:
         while True:
             ev = await self.frames.recv()
             if isinstance(ev, wire.VmStarted):
+                for half in self.halves.values():
+                    half.dest_running()
                 self._peer_started.set()
             elif isinstance(ev, wire.Ack) and ev.acked == wire.MsgType.END:
                 self._end_acked.set()
@@ -313,7 +315,7 @@ class _Inbox:
 
 
 class DestSession:
-    """Hold + paced bypass injection for one migration."""
+    """Hold + bypass injection for one migration."""
 
     def __init__(self, mid: UUID, vm: str, nics: list[_Nic], host: HostAgent) -> None:
         self.mid, self.vm, self.host = mid, vm, host
@@ -327,10 +329,13 @@ class DestSession:
         self.frames: Channel | None = None
         self.source_lost: str | None = None
         self.resume_ns = 0
-        self.injected_ns: int | None = None  # when every rescued frame so far was in the tap
+        self.injected_ns: int | None = None  # when the last rescued frame went into the tap
         self.held = 0
         self._arrivals: list[tuple[float, int]] = []  # (monotonic time, frames) per FRAMES
         self._wake = asyncio.Event()
+        self._digests = {nic_id: wire.FrameDigest() for nic_id in self.nics}
+        self._early: asyncio.Task[None] | None = None
+        self._aborted = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -351,6 +356,36 @@ class DestSession:
     async def hold(self) -> None:
         for half in self.halves.values():
             await asyncio.to_thread(half.close_and_flush)
+        if self._early is None:
+            self._early = asyncio.create_task(self._inject_early())
+
+    async def _inject_early(self) -> None:
+        """Owed frames into the tap as they come while the VM has not run yet: QEMU reads a
+        tap only while its VM runs, so they wait there, in order, and the guest has them the
+        moment it runs. The hold is closed, so nothing else reaches that queue."""
+        while not (self.started.is_set() or self._aborted):
+            self._wake.clear()
+            await self._move(early=True)
+            await self._wake.wait()
+
+    async def _move(self, early: bool = False) -> int:
+        """Inject what the inbox holds (EARLY: what fits the tap queue of a VM not yet
+        running); how many frames."""
+        moved = 0
+        for nic_id, box in self.inbox.items():
+            n = min(256, len(box.frames))
+            if early:
+                n = min(n, self.halves[nic_id].room_before_start())
+            if n <= 0:
+                continue
+            batch = [box.frames.popleft() for _ in range(n)]
+            self.buffered_bytes -= sum(len(f) for f in batch)
+            await asyncio.to_thread(self.halves[nic_id].inject, batch)
+            self.injected_ns = time.time_ns()
+            self._digests[nic_id].update_many(wire.FrameRecord(f) for f in batch)
+            self.host.metrics.injected.inc(len(batch))
+            moved += len(batch)
+        return moved
 
     def on_frames(self, msg: wire.Frames) -> None:
         """Frames from the source agent: checked, then queued (the budget drops the newest)."""
@@ -395,35 +430,31 @@ class DestSession:
 
     async def deliver(self) -> tuple[wire.NicSummary, ...]:
         """Once the VM runs: inject in order as frames come, then release the hold."""
-        injected = {nic_id: wire.FrameDigest() for nic_id in self.nics}
         await self.started.wait()
+        if self._early is not None:
+            await self._early  # it ends at the start; its frames went first
         while True:
             self._wake.clear()
-            moved = 0
-            for nic_id, box in self.inbox.items():
-                if box.frames:
-                    batch = [box.frames.popleft() for _ in range(min(256, len(box.frames)))]
-                    self.buffered_bytes -= sum(len(f) for f in batch)
-                    await asyncio.to_thread(self.halves[nic_id].inject, batch)
-                    injected[nic_id].update_many(wire.FrameRecord(f) for f in batch)
-                    self.host.metrics.injected.inc(len(batch))
-                    moved += len(batch)
-            if moved:
-                self.injected_ns = None
-            else:
-                self.injected_ns = self.injected_ns or time.time_ns()
-                if self.source_ended.is_set():
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), SOURCE_END_TIMEOUT_S)
-                except TimeoutError:
-                    self.source_lost = "the source agent sent nothing for 30 s"
-                    break
+            if await self._move():
+                continue
+            if self.source_ended.is_set():
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), SOURCE_END_TIMEOUT_S)
+            except TimeoutError:
+                self.source_lost = "the source agent sent nothing for 30 s"
+                break
         for half in self.halves.values():
             self.held += await asyncio.to_thread(half.release)
-        return tuple(d.summary(nic_id) for nic_id, d in injected.items())
+        return tuple(d.summary(nic_id) for nic_id, d in self._digests.items())
 
     async def discard(self) -> None:
+        """The migration failed: the VM never runs here; what reached its tap dies with it
+        (the source agent gives its own copy back to the source VM)."""
+        self._aborted = True
+        self._wake.set()
+        if self._early is not None:
+            await self._early
         for box in self.inbox.values():
             box.frames.clear()
         self.buffered_bytes = 0
@@ -442,6 +473,11 @@ class DestSession:
         return tuple(out)
 
     async def close(self) -> None:
+        if self._early is not None and not self._early.done():
+            self._aborted = True
+            self._wake.set()
+            with contextlib.suppress(Exception):
+                await self._early
         for half in self.halves.values():
             try:
                 await asyncio.to_thread(half.close)
