@@ -20,6 +20,7 @@ from netpass.datapath import tc
 from netpass.errors import MigrationError, UsageError
 from netpass.orchestrator import migrate_netpass
 from netpass.qmp import Qmp
+from netpass.switchover import DestNic
 
 pytestmark = [needs_root, pytest.mark.e2e]
 
@@ -144,6 +145,40 @@ def test_destination_killed_mid_migration(lab_up: lab.LabState) -> None:
     assert _src_running(st) == "running"
     assert stats.lost == 0 and stats.duplicates == 0
     tc_clean(st)
+    _ping_ok(st)
+
+
+def test_destination_exits_after_the_source_completed(
+    lab_up: lab.LabState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination QEMU dies after the source sent everything (here: as the first owed
+    frames go into its tap, before it runs). The VM is lost with it; netpass says so at once
+    (not after its 300 s timeout), leaves no tc object, and `cont` on the source revives it."""
+    st = lab_up
+    dst_inst = lab.ensure_incoming(st, paused=True)
+    src, dst, uri = _sockets(st)
+    real_inject = DestNic.inject
+    killed: list[float] = []
+
+    def inject(self: DestNic, frames: list[bytes]) -> None:
+        real_inject(self, frames)
+        if not killed:
+            killed.append(time.monotonic())
+            vm.kill(dst_inst.pid, dst_inst.name)
+
+    monkeypatch.setattr(DestNic, "inject", inject)
+    with trial.probe(st, 1000) as finish:
+        time.sleep(0.3)
+        with pytest.raises(MigrationError, match="destination QEMU exited before it ran the VM"):
+            asyncio.run(migrate_netpass(src, dst, uri))
+        failed_after = time.monotonic() - killed[0]
+        finish()
+    monkeypatch.undo()
+    lab.stop_instance(st, dst_inst)
+    assert failed_after < 5, failed_after
+    assert _src_running(st) == "postmigrate"
+    tc_clean(st)
+    _qmp(st.status()["source"]["qmp"], ("cont", {}))
     _ping_ok(st)
 
 

@@ -11,7 +11,6 @@ once the destination has loaded, one event and one QMP round trip later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -124,6 +123,8 @@ async def dst_resumed(src: Qmp, dst: Qmp, timeout: float) -> bool:
         for t in tasks:
             if t in done and t.exception() is None:
                 return t.result().name == "RESUME"
+        if dst.gone:
+            return await _failed_after_dst_exit(src, dst)
         raise next(e for t in tasks if t in done and (e := t.exception()) is not None)
     finally:
         for t in tasks:
@@ -152,10 +153,27 @@ async def dst_loaded(src: Qmp, dst: Qmp, postcopy: bool, timeout: float) -> bool
         return True
     if failed in done or loaded in done:
         # The destination's QMP went away: a failed incoming QEMU exits; the source says why.
-        with contextlib.suppress(MigrationError):
-            await src.wait_event(src_failed, 10)
-            return False
+        return await _failed_after_dst_exit(src, dst)
     raise MigrationError("destination did not finish loading the VM")
+
+
+async def _failed_after_dst_exit(src: Qmp, dst: Qmp) -> bool:
+    """The destination QEMU exited (or its QMP failed) before running the VM. A failed
+    incoming QEMU exits: the source then reports 'failed' (False: give the frames back). If
+    the source completed instead, the VM is lost with the destination: say so now."""
+    done = is_event("MIGRATION", status="completed")
+    try:
+        if any(done(e) for e in src.events):
+            raise MigrationError("the source completed")
+        await src.wait_event(src_failed, 10, what="the source to report the failure")
+    except MigrationError:
+        if not dst.gone:
+            raise MigrationError("destination did not finish loading the VM") from None
+        raise MigrationError(
+            "the destination QEMU exited before it ran the VM, after the source had sent "
+            "everything (the source is paused in 'postmigrate'; `cont` on it revives the VM)"
+        ) from None
+    return False
 
 
 async def _dst_precopy_done(dst: Qmp, timeout: float) -> None:

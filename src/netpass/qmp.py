@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from netpass.errors import MigrationError, UsageError
 
@@ -46,6 +46,8 @@ class Qmp:
         self._listener = EventListener()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.gone = False  # the QEMU closed the connection (it exited: a failed incoming does)
 
     async def connect(self, timeout: float = 5.0) -> None:
         if not Path(self.path).exists():
@@ -61,6 +63,15 @@ class Qmp:
             raise UsageError(f"cannot connect to {self.side} QMP socket {self.path}: {e}") from e
         self.client.register_listener(self._listener)
         self._task = asyncio.create_task(self._pump())
+        self._watch = asyncio.create_task(self._watch_connection())
+
+    async def _watch_connection(self) -> None:
+        # Without this a wait for an event from a QEMU that exited lasts its whole timeout.
+        while self.client.runstate == Runstate.RUNNING:
+            await self.client.runstate_changed()
+        async with self._changed:
+            self.gone = True
+            self._changed.notify_all()
 
     async def _pump(self) -> None:
         async for msg in self._listener:
@@ -73,10 +84,11 @@ class Qmp:
                 self._changed.notify_all()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._watch, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         # A QEMU that exited (a failed incoming VM does) makes disconnect re-raise its EOF.
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.client.disconnect()
@@ -104,6 +116,11 @@ class Qmp:
         async def waiter() -> Event:
             async with self._changed:
                 while (ev := find()) is None:
+                    if self.gone:
+                        raise MigrationError(
+                            f"{self.side} QEMU closed its QMP connection (exited?) while "
+                            f"netpass waited for {what}"
+                        )
                     await self._changed.wait()
                 return ev
 
