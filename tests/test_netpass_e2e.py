@@ -167,18 +167,22 @@ def test_destination_exits_after_the_source_completed(
             vm.kill(dst_inst.pid, dst_inst.name)
 
     monkeypatch.setattr(DestNic, "inject", inject)
-    with trial.probe(st, 1000) as finish:
-        time.sleep(0.3)
-        with pytest.raises(MigrationError, match="destination QEMU exited before it ran the VM"):
-            asyncio.run(migrate_netpass(src, dst, uri))
-        failed_after = time.monotonic() - killed[0]
-        finish()
-    monkeypatch.undo()
-    lab.stop_instance(st, dst_inst)
-    assert failed_after < 5, failed_after
-    assert _src_running(st) == "postmigrate"
-    tc_clean(st)
-    _qmp(st.status()["source"]["qmp"], ("cont", {}))
+    try:
+        with trial.probe(st, 1000) as finish:
+            time.sleep(0.3)
+            with pytest.raises(MigrationError, match="destination QEMU exited before it ran"):
+                asyncio.run(migrate_netpass(src, dst, uri))
+            failed_after = time.monotonic() - killed[0]
+            finish()
+        monkeypatch.undo()
+        assert failed_after < 5, failed_after
+        assert _src_running(st) == "postmigrate"
+        tc_clean(st)
+    finally:
+        monkeypatch.undo()
+        lab.stop_instance(st, dst_inst)
+        if _src_running(st) == "postmigrate":  # the next tests need the VM running
+            _qmp(st.status()["source"]["qmp"], ("cont", {}))
     _ping_ok(st)
 
 

@@ -57,7 +57,12 @@ class DestStart:
             return False
         await self._ready(ready)
         self.cont_t = time.monotonic()
-        await self.dst.cmd("cont")
+        try:
+            await self.dst.cmd("cont")
+        except MigrationError:
+            if not self.dst.gone:
+                raise
+            return await _failed_after_dst_exit(self.src, self.dst)
         return True
 
     async def _ready(self, ready: Ready) -> None:

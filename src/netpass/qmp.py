@@ -47,7 +47,7 @@ class Qmp:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
-        self.gone = False  # the QEMU closed the connection (it exited: a failed incoming does)
+        self._gone = False
 
     async def connect(self, timeout: float = 5.0) -> None:
         if not Path(self.path).exists():
@@ -70,8 +70,14 @@ class Qmp:
         while self.client.runstate == Runstate.RUNNING:
             await self.client.runstate_changed()
         async with self._changed:
-            self.gone = True
+            self._gone = True
             self._changed.notify_all()
+
+    @property
+    def gone(self) -> bool:
+        """The QEMU closed the connection (it exited: a failed incoming QEMU does). Also true
+        before the watcher ran: a command that failed on it left the client disconnecting."""
+        return self._gone or self.client.runstate == Runstate.DISCONNECTING
 
     async def _pump(self) -> None:
         async for msg in self._listener:
