@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from uuid import uuid4
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conftest import needs_root
 from netpass import wire
-from netpass.agent.host import DestSession, HostAgent, SessionError, _Nic, _nic_info, _rx_filter
+from netpass.agent.host import (
+    DestSession,
+    HostAgent,
+    SessionError,
+    _Nic,
+    _nic_info,
+    _rx_filter,
+    find_tap_owner,
+)
+from netpass.errors import DatapathError
 
 MAC = bytes.fromhex("525400aabb01")
 
@@ -65,3 +77,43 @@ def test_nic_filter_maps_to_the_guest_rx_filter() -> None:
     assert rx.unicast_all and not rx.promiscuous and not rx.multicast_all
     assert rx.accepts(mcast + bytes(8)) and not rx.accepts(bytes.fromhex("01005e000002") + bytes(8))
     assert rx.accepts(bytes.fromhex("525400000099") + bytes(8))  # all unicast
+
+
+_HOLD_TAP = """
+import fcntl, struct, sys, time
+fd = open("/dev/net/tun", "r+b", buffering=0)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0002 | 0x1000))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@needs_root
+def test_tap_owner_is_the_one_in_the_agents_namespace() -> None:
+    """Tap names repeat across namespaces (a leftover QEMU keeps its deleted namespace alive):
+    the agent takes the holder in its own namespace, and refuses to guess otherwise."""
+    tap, nss, procs = "npq9dup", ["npq9dupa", "npq9dupb"], []
+
+    def hold(netns: str | None) -> subprocess.Popen[str]:
+        pre = ["ip", "netns", "exec", netns] if netns else []
+        cmd = [*pre, sys.executable, "-c", _HOLD_TAP, tap]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    try:
+        for ns in nss:
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            hold(ns)
+        with pytest.raises(DatapathError, match="several processes"):
+            find_tap_owner(tap)
+        mine = hold(None)
+        pid, fds = find_tap_owner(tap)
+        assert pid == mine.pid and len(fds) == 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for ns in nss:
+            subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -69,7 +69,12 @@ class HostMetrics:
 
 
 def find_tap_owner(tap: str) -> tuple[int, list[int]]:
-    """(pid, tap fds) of the process (the hypervisor) that has TAP open."""
+    """(pid, tap fds) of the process (the hypervisor) that has TAP open.
+
+    Tap names are unique only within a network namespace: when processes in several
+    namespaces hold a TAP, the one in this agent's namespace is it; otherwise it is ambiguous.
+    """
+    found: list[tuple[int, list[int]]] = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -78,8 +83,23 @@ def find_tap_owner(tap: str) -> tuple[int, list[int]]:
         except (DatapathError, HostError, OSError):
             continue  # gone meanwhile, or a kernel thread
         if fds:
-            return int(name), fds
-    raise DatapathError(f"no process has tap {tap} open")
+            found.append((int(name), fds))
+    if len(found) > 1:
+        ours = [c for c in found if _netns_ino(c[0]) == _netns_ino("self")]
+        if len(ours) != 1:
+            pids = ", ".join(str(pid) for pid, _ in found)
+            raise DatapathError(f"tap {tap} is open in several processes ({pids}): ambiguous")
+        found = ours
+    if not found:
+        raise DatapathError(f"no process has tap {tap} open")
+    return found[0]
+
+
+def _netns_ino(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
 
 
 def _mac_text(mac: bytes) -> str:
