@@ -11,6 +11,7 @@ once the destination has loaded, one event and one QMP round trip later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -166,19 +167,17 @@ async def _failed_after_dst_exit(src: Qmp, dst: Qmp) -> bool:
     """The destination QEMU exited (or its QMP failed) before running the VM. A failed
     incoming QEMU exits: the source then reports 'failed' (False: give the frames back). If
     the source completed instead, the VM is lost with the destination: say so now."""
-    done = is_event("MIGRATION", status="completed")
-    try:
-        if any(done(e) for e in src.events):
-            raise MigrationError("the source completed")
-        await src.wait_event(src_failed, 10, what="the source to report the failure")
-    except MigrationError:
-        if not dst.gone:
-            raise MigrationError("destination did not finish loading the VM") from None
-        raise MigrationError(
-            "the destination QEMU exited before it ran the VM, after the source had sent "
-            "everything (the source is paused in 'postmigrate'; `cont` on it revives the VM)"
-        ) from None
-    return False
+    completed = is_event("MIGRATION", status="completed")
+    if not any(completed(e) for e in src.events):
+        with contextlib.suppress(MigrationError):
+            await src.wait_event(src_failed, 10, what="the source to report the failure")
+            return False
+    if not dst.gone:
+        raise MigrationError("destination did not finish loading the VM")
+    raise MigrationError(
+        "the destination QEMU exited before it ran the VM, after the source had sent "
+        "everything (the source is paused in 'postmigrate'; `cont` on it revives the VM)"
+    )
 
 
 async def _dst_precopy_done(dst: Qmp, timeout: float) -> None:

@@ -113,8 +113,7 @@ class SourceNic:
         self._relayed_tail: list[bytes] = []  # relayed frames the source guest did not get
         self._drained: list[bytes] = []  # of those, read back out of the stopped tap queue
         self._relaying = False
-        self._batching = True  # until the destination runs
-        self._dest_runs = False
+        self._dest_runs = False  # until then the capture reads in batches
         # Owed frames handed out before the destination ran: they may sit in the tap of a
         # destination that never runs, so a failed migration gives them back from here.
         self._unconfirmed: list[bytes] = []
@@ -224,7 +223,6 @@ class SourceNic:
         before RESUME, and fewer wake-ups leave the CPU to the QEMUs during the pause.) The
         frames taken so far reached a running guest's tap: no longer ours to give back."""
         with self._lock:
-            self._batching = False
             self._dest_runs = True
             self._unconfirmed.clear()
 
@@ -358,7 +356,7 @@ class SourceNic:
             while not self._stop.is_set():
                 if not self._sock.wait(0.002):
                     continue
-                if self._batching or self._relaying:
+                if self._relaying or not self._dest_runs:
                     time.sleep(BATCH_S)  # let a batch gather
                 frames = self._sock.recv_many(1024)
                 if frames:

@@ -18,8 +18,9 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from uuid import UUID
 
 from prometheus_client import CollectorRegistry, Counter
@@ -85,7 +86,8 @@ def find_tap_owner(tap: str) -> tuple[int, list[int]]:
         if fds:
             found.append((int(name), fds))
     if len(found) > 1:
-        ours = [c for c in found if _netns_ino(c[0]) == _netns_ino("self")]
+        own = _netns_ino("self")
+        ours = [c for c in found if _netns_ino(c[0]) == own]
         if len(ours) != 1:
             pids = ", ".join(str(pid) for pid, _ in found)
             raise DatapathError(f"tap {tap} is open in several processes ({pids}): ambiguous")
@@ -471,10 +473,7 @@ class DestSession:
     async def discard(self) -> None:
         """The migration failed: the VM never runs here; what reached its tap dies with it
         (the source agent gives its own copy back to the source VM)."""
-        self._aborted = True
-        self._wake.set()
-        if self._early is not None:
-            await self._early
+        await self._stop_early()
         for box in self.inbox.values():
             box.frames.clear()
         self.buffered_bytes = 0
@@ -492,12 +491,16 @@ class DestSession:
                     (f"nic{nic_id}.flood_discarded", half.flood_discarded)]  # fmt: skip
         return tuple(out)
 
+    async def _stop_early(self) -> None:
+        """End the early injection (the VM will not run here) and wait for it."""
+        self._aborted = True
+        self._wake.set()
+        if self._early is not None:
+            await self._early
+
     async def close(self) -> None:
-        if self._early is not None and not self._early.done():
-            self._aborted = True
-            self._wake.set()
-            with contextlib.suppress(Exception):
-                await self._early
+        with contextlib.suppress(Exception):
+            await self._stop_early()  # its failure was reported where it was awaited
         for half in self.halves.values():
             try:
                 await asyncio.to_thread(half.close)
@@ -507,6 +510,46 @@ class DestSession:
 
 def _slug(reason: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in reason)[:40].strip("_") or "other"
+
+
+Summaries = tuple[wire.NicSummary, ...]
+ControlEvent = wire.Event | BaseException  # a control message, or what ended the channel
+OnEvent = Callable[[asyncio.Task[Summaries], ControlEvent], Awaitable[str | None]]
+
+
+async def _end_listening(
+    ch: Channel,
+    mid: UUID,
+    work: Coroutine[Any, Any, Summaries],
+    counters: Callable[[], tuple[tuple[str, int], ...]],
+    on_event: OnEvent,
+) -> str:
+    """A half's last stretch (WORK) while the control channel is still read: when WORK ends,
+    COUNTS and END go out and ACK(END) must come back ("completed"). Meanwhile each control
+    event (or the error that ended the channel) goes to ON_EVENT, which returns the outcome
+    to stop with, or None to go on."""
+    task = asyncio.create_task(work)
+    nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task, nxt}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                summaries = task.result()
+                await ch.send(wire.Counts(mid, counters()))
+                await ch.send(wire.End(mid, summaries))
+                ack = await nxt
+                if not isinstance(ack, wire.Ack):
+                    raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
+                return "completed"
+            exc = nxt.exception()
+            outcome = await on_event(task, exc if exc is not None else nxt.result())
+            if outcome is not None:
+                return outcome
+            nxt = asyncio.create_task(ch.recv())
+    finally:
+        for t in (task, nxt):
+            t.cancel()
+        await asyncio.gather(task, nxt, return_exceptions=True)
 
 
 # --- the agent -----------------------------------------------------------------------------
@@ -620,71 +663,41 @@ class HostAgent:
     async def _source_end(self, ch: Channel, src: SourceSession) -> str:
         """After the stop: stream until the destination ran and the source went quiet, while
         still listening to the orchestrator (the migration can fail after the stop)."""
-        fin = asyncio.create_task(src.finish())
-        nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
-        try:
-            while True:
-                done, _ = await asyncio.wait({fin, nxt}, return_when=asyncio.FIRST_COMPLETED)
-                if fin in done:
-                    summaries = fin.result()
-                    await ch.send(wire.Counts(src.mid, src.counters()))
-                    await ch.send(wire.End(src.mid, summaries))
-                    ack = await nxt
-                    if not isinstance(ack, wire.Ack):
-                        raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
-                    return "completed"
-                ev = nxt.result()
-                if isinstance(ev, wire.UsedIdx) and ev.phase == wire.UsedPhase.RESUMED:
-                    fin.cancel()
-                    await src.give_back(dict(ev.entries))
-                elif isinstance(ev, wire.Abort):
-                    fin.cancel()
-                    await ch.send(wire.Ack(src.mid, wire.MsgType.ABORT))
-                    return "aborted"
-                elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
-                    return "channel lost"
-                nxt = asyncio.create_task(ch.recv())
-        finally:
-            for t in (fin, nxt):
-                t.cancel()
-            await asyncio.gather(fin, nxt, return_exceptions=True)
+
+        async def on_event(fin: asyncio.Task[Summaries], ev: ControlEvent) -> str | None:
+            if isinstance(ev, BaseException):
+                raise ev
+            if isinstance(ev, wire.UsedIdx) and ev.phase == wire.UsedPhase.RESUMED:
+                fin.cancel()
+                await src.give_back(dict(ev.entries))
+            elif isinstance(ev, wire.Abort):
+                fin.cancel()
+                await ch.send(wire.Ack(src.mid, wire.MsgType.ABORT))
+                return "aborted"
+            elif isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
+                return "channel lost"
+            return None
+
+        return await _end_listening(ch, src.mid, src.finish(), src.counters, on_event)
 
     async def _dest_end(self, ch: Channel, dst: DestSession) -> str:
         """After the destination VM started: deliver what the source agent sends, while still
         listening to the orchestrator: if it gives up on the source agent (ABORT) or goes
         away, the destination stops waiting and opens its hold now, not after 30 s."""
-        deliver = asyncio.create_task(dst.deliver())
-        nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
-        try:
-            while True:
-                done, _ = await asyncio.wait({deliver, nxt}, return_when=asyncio.FIRST_COMPLETED)
-                if deliver in done:
-                    summaries = deliver.result()
-                    await ch.send(wire.Counts(dst.mid, dst.counters()))
-                    await ch.send(wire.End(dst.mid, summaries))
-                    ack = await nxt
-                    if not isinstance(ack, wire.Ack):
-                        raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
-                    return "completed"
-                if nxt.exception() is not None:
-                    dst.source_gone(f"control channel lost: {nxt.exception()}")
-                    await deliver  # injects what came, then opens the hold
-                    return "channel lost"
-                ev = nxt.result()
-                if isinstance(ev, wire.Abort):
-                    dst.source_gone(f"the orchestrator aborted: {ev.reason}")
-                    await deliver
-                    await ch.send(wire.Ack(dst.mid, wire.MsgType.ABORT))
-                    return "aborted"
-                if isinstance(ev, wire.Bye | wire.Error | wire.ConnectionClosed):
-                    dst.source_gone("the orchestrator closed the control channel")
-                    await deliver
-                    return "channel lost"
-                nxt = asyncio.create_task(ch.recv())
-        finally:
-            for t in (deliver, nxt):
-                t.cancel()
-            await asyncio.gather(deliver, nxt, return_exceptions=True)
+
+        async def on_event(deliver: asyncio.Task[Summaries], ev: ControlEvent) -> str | None:
+            if isinstance(ev, wire.Abort):
+                dst.source_gone(f"the orchestrator aborted: {ev.reason}")
+                await deliver  # injects what came, then opens the hold
+                await ch.send(wire.Ack(dst.mid, wire.MsgType.ABORT))
+                return "aborted"
+            if isinstance(ev, BaseException | wire.Bye | wire.Error | wire.ConnectionClosed):
+                dst.source_gone(f"control channel lost: {ev}")
+                await deliver
+                return "channel lost"
+            return None
+
+        return await _end_listening(ch, dst.mid, dst.deliver(), dst.counters, on_event)
 
     def _nic(self, spec: wire.NicSpec) -> _Nic:
         pid, fds = find_tap_owner(spec.tap)
