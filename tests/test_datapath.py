@@ -25,6 +25,7 @@ from netpass.datapath.ethtool import offloads_on
 from netpass.datapath.inject import Injector
 from netpass.datapath.netns import in_netns, iproute
 from netpass.errors import DatapathError
+from netpass.trial import ETH_P_ARP, ETH_P_RARP, AnnounceSniffer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, taps, tc)")
 
@@ -764,3 +765,40 @@ def test_sweep_can_keep_a_prepared_hold_open(netns: str) -> None:
         assert tc.has_hold("npdtapk") and tc.has_clsact("npdtapk")
     finally:
         os.close(fd)
+
+
+# --- the bench's announce sniffer
+
+
+def test_announce_sniffer_keeps_only_the_vms_arp_and_rarp(netns: str) -> None:
+    """The kernel filter passes the VM's announces only: other MACs, other ethertypes and
+    the migration stream that crosses the same port never wake the sniffer."""
+
+    with iproute() as ipr:
+        ipr.link("add", ifname="npdsn0", kind="veth", peer="npdsn1")
+        for name in ("npdsn0", "npdsn1"):
+            ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+    vm, other = bytes.fromhex("52540000aa01"), bytes.fromhex("52540000aa02")
+
+    def frame(src: bytes, ethertype: int, tag: int) -> bytes:
+        return b"\xff" * 6 + src + struct.pack("!H", ethertype) + bytes([tag]) * 46
+
+    sent = [
+        frame(vm, ETH_P_RARP, 1),
+        frame(other, ETH_P_RARP, 2),
+        frame(vm, 0x0800, 3),  # IPv4 from the VM: not an announce
+        frame(vm[:5] + b"\x00", ETH_P_ARP, 4),  # first four bytes match, last two do not
+        frame(vm, ETH_P_ARP, 5),
+    ]
+    with AnnounceSniffer(netns, "npdsn1", "52:54:00:00:aa:01") as sn:
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        tx.bind(("npdsn0", 0))
+        for f in sent:
+            tx.send(f)
+        tx.close()
+        deadline = time.monotonic() + 2
+        while len(sn.times) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # a wrongly kept frame would arrive by now
+    assert len(sn.times) == 2
+    assert sn.frames_read == 2  # the kernel dropped the other three
