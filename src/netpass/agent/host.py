@@ -168,6 +168,7 @@ class SourceSession:
         self.key = (mid, "source")  # for the agent's CPU yield
         self._yield0: int | None = None
         self.control: Channel | None = None  # the orchestrator's
+        self.postcopy = False  # HOLD came before the stop
 
     def set_filter(self, f: wire.NicFilter) -> None:
         n = self.nics[f.nic_id]
@@ -233,7 +234,11 @@ class SourceSession:
             self._yield_cpu()  # FINAL woke the agent; the streaming can wait for spare CPU
 
     def _yield_cpu(self) -> None:
-        """Spare CPU only, until the orchestrator or the destination agent says something."""
+        """Spare CPU only, until the orchestrator or the destination agent says something.
+        Not in postcopy: there the destination runs while the source still serves its pages,
+        so an agent at SCHED_IDLE then found no spare CPU for the frames that came late."""
+        if self.postcopy:
+            return
         chans = (self.control, self.frames)
         self.host.cpu.paused(self.key, [c.fileno() for c in chans if c is not None])
 
@@ -666,6 +671,7 @@ class HostAgent:
                     if dst is not None:
                         await dst.hold()  # once ACKed, the VM may start
                     elif src is not None:
+                        src.postcopy = True  # only postcopy sends HOLD to the source
                         src.flood_point()  # 1.2: floods reach the destination's hold now
                     if wire.Feature.HOLD_ACK in ch.features:
                         await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
