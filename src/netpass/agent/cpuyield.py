@@ -8,13 +8,13 @@ cores. So while every migration the agent serves is paused, all its threads run 
 What it gained in the two-host lab: docs/agent.md, "CPU during the pause".
 
 What does need the agent at once arrives as a message: the destination started, the migration
-failed, the source's final count. A guard thread at normal priority watches the channels the
-paused migrations named, and ends the yield as soon as one has received anything, so the
-message is handled at normal priority. It checks readability and also the socket's count of
-received bytes (TCP_INFO), every `CHECK_S`: the agent's own thread may have read the bytes in
-a moment of spare CPU and then been starved before handling them. The yield also ends after
-`LIMIT_S`, as SCHED_IDLE threads can starve on a saturated host. A migration that still has
-deferrable work after such a message says `paused()` again.
+failed, the source's final count. A guard thread at normal priority polls the channels the
+paused migrations named and ends the yield as soon as one is readable, so the message is
+handled at normal priority; the yield also ends after `LIMIT_S`, as SCHED_IDLE threads can
+starve on a saturated host. A migration that still has deferrable work after such a message
+says `paused()` again. The guard is a Python thread: to act it needs the GIL, which a starved
+SCHED_IDLE thread of the agent may hold. So only yield where the host has spare CPU again by
+the time the agent is needed (see host.py: the source agent, in precopy).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import contextlib
 import logging
 import os
 import select
-import socket
-import sys
 import threading
 import time
 from collections.abc import Hashable, Iterable
@@ -33,18 +31,6 @@ from typing import Final
 log = logging.getLogger("netpass.agent")
 
 LIMIT_S: Final = 0.25  # over the lab's longest pause (~120 ms); bounds a starved agent
-CHECK_S: Final = 0.002  # how often the guard looks at the received byte counts
-_TCP_INFO_BYTES_RECEIVED = slice(128, 136)  # struct tcp_info: u64 tcpi_bytes_received (4.1+)
-
-
-def _bytes_received(sock: socket.socket) -> int | None:
-    """The kernel's count of bytes received on SOCK, or None if it has none (not TCP, closed)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return None
-    raw = info[_TCP_INFO_BYTES_RECEIVED]
-    return int.from_bytes(raw, sys.byteorder) if len(raw) == 8 else None
 
 
 def _set_policy(policy: int, skip: int | None) -> None:
@@ -77,28 +63,12 @@ class _Guard(threading.Thread):
         p.register(self._cancel_r, select.POLLIN)
         for fd in self.fds:
             p.register(fd, select.POLLIN)  # also reports ERR/HUP: a closed channel wakes too
-        # Not owning: the fds stay the channels' (detached below, never closed here).
-        socks = [socket.socket(fileno=fd) for fd in self.fds]
         try:
-            woken = self._watch(p, socks)
+            events = p.poll(self.owner.limit_s * 1000)
         finally:
-            for sock in socks:
-                sock.detach()
             os.close(self._cancel_r)
-        if woken is not None:
-            self.owner._guard_ended(self, woken)
-
-    def _watch(self, p: select.poll, socks: list[socket.socket]) -> bool | None:
-        """True: something arrived; False: the time limit; None: cancelled."""
-        base = [_bytes_received(s) for s in socks]
-        deadline = time.monotonic() + self.owner.limit_s
-        while (left := deadline - time.monotonic()) > 0:
-            events = p.poll(min(left, CHECK_S) * 1000)
-            if any(fd == self._cancel_r for fd, _ in events):
-                return None
-            if events or [_bytes_received(s) for s in socks] != base:
-                return True
-        return False
+        if not any(fd == self._cancel_r for fd, _ in events):
+            self.owner._guard_ended(self, woken=bool(events))
 
 
 class CpuYield:

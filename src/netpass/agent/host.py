@@ -236,7 +236,8 @@ class SourceSession:
     def _yield_cpu(self) -> None:
         """Spare CPU only, until the orchestrator or the destination agent says something.
         Not in postcopy: there the destination runs while the source still serves its pages,
-        so an agent at SCHED_IDLE then found no spare CPU for the frames that came late."""
+        so an agent at SCHED_IDLE then found no spare CPU for the frames that came late (the
+        destination agent does not yield at all, as it cannot tell postcopy from precopy)."""
         if self.postcopy:
             return
         chans = (self.control, self.frames)
@@ -380,9 +381,7 @@ class DestSession:
         self._digests = {nic_id: wire.FrameDigest() for nic_id in self.nics}
         self._early: asyncio.Task[None] | None = None
         self._aborted = False
-        self.key = (mid, "destination")  # for the agent's CPU yield
-        self._yield0: int | None = None
-        self.control: Channel | None = None  # the orchestrator's
+        self.key = (mid, "destination")  # live: its agent does not yield (cpuyield)
 
     def wake(self) -> None:
         self._wake.set()
@@ -396,7 +395,6 @@ class DestSession:
 
     async def prepare(self) -> None:
         self.host.cpu.live(self.key)
-        self._yield0 = self.host.cpu.yielded_ns()
         for nic_id, n in self.nics.items():
             half = DestNic(n.info, n.pid, n.netns)
             self.halves[nic_id] = half
@@ -447,11 +445,6 @@ class DestSession:
                     f"frame for {_mac_text(d[:6])} on NIC {msg.nic_id}, whose MAC is "
                     f"{_mac_text(n.spec.mac)}: nothing of this batch is injected"
                 )
-        if not self._arrivals and not self.started.is_set():
-            # The source has stopped and accounted: until this VM runs, what is left here
-            # (early injection) may wait for spare CPU.
-            chans = [] if self.control is None else [self.control.fileno()]
-            self.host.cpu.paused(self.key, chans)  # VM_STARTED comes on the control channel
         self._arrivals.append((time.monotonic(), len(msg.frames)))
         for rec in msg.frames:
             if self.buffered_bytes + len(rec.data) > self.host.frame_budget:
@@ -523,7 +516,7 @@ class DestSession:
         for nic_id, half in self.halves.items():
             out += [(f"nic{nic_id}.injected", half.injected),
                     (f"nic{nic_id}.flood_discarded", half.flood_discarded)]  # fmt: skip
-        return tuple(out) + _yielded(self.host.cpu, self._yield0)
+        return tuple(out)
 
     async def _stop_early(self) -> None:
         """End the early injection (the VM will not run here) and wait for it."""
@@ -636,7 +629,7 @@ class HostAgent:
         dest_half = DestSession(mid, prep.vm_name, nics, self)
         self.dest[mid] = dest_half
         src_half = SourceSession(mid, prep.vm_name, nics, self)
-        src_half.control = dest_half.control = ch
+        src_half.control = ch
         src: SourceSession | None = src_half
         dst: DestSession | None = dest_half
         await ch.send(wire.Prepared(mid))
