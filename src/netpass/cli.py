@@ -227,8 +227,7 @@ def cmd_agent(a: argparse.Namespace) -> int:
     require_root()
     host, port = parse_listen(a.listen)
     opts = AgentOptions(host, port, a.tls_cert, a.tls_key, a.tls_ca, a.metrics_port,
-                        a.frame_budget, watchdog=not a.no_watchdog,
-                        cpu_yield=not a.no_cpu_yield)  # fmt: skip
+                        a.frame_budget, watchdog=not a.no_watchdog)  # fmt: skip
     asyncio.run(serve(opts))
     return 0
 
@@ -417,11 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=256 << 20,
         metavar="BYTES",
         help="rescued frames one migration may buffer (default 256 MiB)",
-    )
-    ag.add_argument(
-        "--no-cpu-yield",
-        action="store_true",
-        help="keep normal CPU priority while migrations are paused (default: SCHED_IDLE then)",
     )
     ag.add_argument("--no-watchdog", action="store_true", help=argparse.SUPPRESS)
     ag.set_defaults(func=cmd_agent)

@@ -144,11 +144,6 @@ class Channel:
 
     # -- introspection --
 
-    def fileno(self) -> int | None:
-        """The socket's fd, to watch for readability from another thread (never read it)."""
-        sock = self._writer.get_extra_info("socket")
-        return None if sock is None else int(sock.fileno())
-
     @property
     def role(self) -> wire.Role:
         return self.conn.our_role

@@ -44,7 +44,6 @@ class AgentOptions:
     frame_budget: int = DEFAULT_FRAME_BUDGET
     identity: str = ""
     watchdog: bool = True
-    cpu_yield: bool = True
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -69,7 +68,7 @@ async def serve(opts: AgentOptions) -> None:
         log.warning("startup sweep: %s", line)
     registry = CollectorRegistry()
     identity = opts.identity or socket.gethostname()
-    agent = HostAgent(identity, cli_ctx, registry, opts.frame_budget, opts.cpu_yield)
+    agent = HostAgent(identity, cli_ctx, registry, opts.frame_budget)
     control = AgentServer(
         opts.host, opts.port, srv_ctx, lambda: agent.control, role=wire.Role.AGENT,
         identity=identity, metrics_port=opts.metrics_port, registry=registry,

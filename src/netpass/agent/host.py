@@ -27,7 +27,6 @@ from prometheus_client import CollectorRegistry, Counter
 
 from netpass import wire
 from netpass.agent.channel import Channel, ChannelError, connect
-from netpass.agent.cpuyield import CpuYield
 from netpass.datapath import tapfd
 from netpass.discovery import NicInfo, RxFilter
 from netpass.errors import DatapathError, HostError, NetpassError
@@ -165,18 +164,12 @@ class SourceSession:
         self.done = False  # the owed frames reached the destination agent
         self.given_back = False
         self._sent = {nic_id: wire.FrameDigest() for nic_id in self.nics}
-        self.key = (mid, "source")  # for the agent's CPU yield
-        self._yield0: int | None = None
-        self.control: Channel | None = None  # the orchestrator's
-        self.postcopy = False  # HOLD came before the stop
 
     def set_filter(self, f: wire.NicFilter) -> None:
         n = self.nics[f.nic_id]
         n.info.rx_filter = _rx_filter(n.spec.mac, f)
 
     async def capture_on(self) -> None:
-        self.host.cpu.live(self.key)
-        self._yield0 = self.host.cpu.yielded_ns()
         for slot, (nic_id, n) in enumerate(sorted(self.nics.items())):
             half = SourceNic(n.info, n.pid, n.netns, slot)
             self.halves[nic_id] = half
@@ -212,7 +205,6 @@ class SourceSession:
             elif phase == wire.UsedPhase.OBSERVE:
                 half.observe_used(u)
         if phase == wire.UsedPhase.STOPPED:
-            self._yield_cpu()
             for half in self.halves.values():
                 half.stop_relay()
 
@@ -230,18 +222,6 @@ class SourceSession:
             await asyncio.to_thread(half.drain_tap)
         self.flood_point()  # unless HOLD (postcopy) set it before the stop
         self._streamer = asyncio.create_task(self._stream())
-        if not self._peer_started.is_set():
-            self._yield_cpu()  # FINAL woke the agent; the streaming can wait for spare CPU
-
-    def _yield_cpu(self) -> None:
-        """Spare CPU only, until the orchestrator or the destination agent says something.
-        Not in postcopy: there the destination runs while the source still serves its pages,
-        so an agent at SCHED_IDLE then found no spare CPU for the frames that came late (the
-        destination agent does not yield at all, as it cannot tell postcopy from precopy)."""
-        if self.postcopy:
-            return
-        chans = (self.control, self.frames)
-        self.host.cpu.paused(self.key, [c.fileno() for c in chans if c is not None])
 
     async def _stream(self) -> None:
         """Owed frames to the destination agent until the source has been quiet for QUIET_S
@@ -296,7 +276,6 @@ class SourceSession:
         while True:
             ev = await self.frames.recv()
             if isinstance(ev, wire.VmStarted):
-                self.host.cpu.running(self.key)
                 for half in self.halves.values():
                     half.dest_running()
                 self._peer_started.set()
@@ -318,7 +297,6 @@ class SourceSession:
 
     async def give_back(self, used: dict[int, int] | None) -> None:
         self.given_back = True
-        self.host.cpu.running(self.key)  # the source VM gets its frames back: urgent
         for nic_id, half in self.halves.items():
             u = None if used is None else used.get(nic_id)
             await asyncio.to_thread(half.give_back, u)
@@ -332,10 +310,9 @@ class SourceSession:
                     out.append((f"nic{nic_id}.{k}", v))
             for reason, v in half.counters.dropped.items():
                 out.append((f"nic{nic_id}.dropped.{_slug(reason)}", v))
-        return tuple(out) + _yielded(self.host.cpu, self._yield0)
+        return tuple(out)
 
     async def close(self) -> None:
-        self.host.cpu.done(self.key)
         if self._streamer is not None and not self._streamer.done():
             self._streamer.cancel()
         if self.halves and not (self.done or self.given_back):
@@ -381,7 +358,6 @@ class DestSession:
         self._digests = {nic_id: wire.FrameDigest() for nic_id in self.nics}
         self._early: asyncio.Task[None] | None = None
         self._aborted = False
-        self.key = (mid, "destination")  # live: its agent does not yield (cpuyield)
 
     def wake(self) -> None:
         self._wake.set()
@@ -394,7 +370,6 @@ class DestSession:
         self._wake.set()
 
     async def prepare(self) -> None:
-        self.host.cpu.live(self.key)
         for nic_id, n in self.nics.items():
             half = DestNic(n.info, n.pid, n.netns)
             self.halves[nic_id] = half
@@ -456,7 +431,6 @@ class DestSession:
         self._wake.set()
 
     def vm_started(self, resume_ns: int) -> None:
-        self.host.cpu.running(self.key)
         self.resume_ns = resume_ns  # the destination's RESUME, on this host's clock
         for half in self.halves.values():
             # Migrations this host receives at once share one catch-up budget: four guests
@@ -499,7 +473,6 @@ class DestSession:
     async def discard(self) -> None:
         """The migration failed: the VM never runs here; what reached its tap dies with it
         (the source agent gives its own copy back to the source VM)."""
-        self.host.cpu.running(self.key)
         await self._stop_early()
         for box in self.inbox.values():
             box.frames.clear()
@@ -526,7 +499,6 @@ class DestSession:
             await self._early
 
     async def close(self) -> None:
-        self.host.cpu.done(self.key)
         with contextlib.suppress(Exception):
             await self._stop_early()  # its failure was reported where it was awaited
         for half in self.halves.values():
@@ -534,14 +506,6 @@ class DestSession:
                 await asyncio.to_thread(half.close)
             except (DatapathError, OSError) as e:
                 log.warning("%s: cleanup: %s", self.mid, e)
-
-
-def _yielded(cpu: CpuYield, since: int | None) -> tuple[tuple[str, int], ...]:
-    """How long the agent ran at SCHED_IDLE while this migration was live (the agent-wide
-    figure: exact when it serves one migration at a time)."""
-    if not cpu.enabled or since is None:
-        return ()
-    return (("cpu_yielded_us", (cpu.yielded_ns() - since) // 1000),)
 
 
 def _slug(reason: str) -> str:
@@ -598,14 +562,12 @@ class HostAgent:
         client_ctx: ssl.SSLContext,
         registry: CollectorRegistry,
         frame_budget: int = DEFAULT_FRAME_BUDGET,
-        cpu_yield: bool = True,
     ) -> None:
         self.identity = identity
         self.client_ctx = client_ctx
         self.frame_budget = frame_budget
         self.metrics = HostMetrics(registry)
         self.dest: dict[UUID, DestSession] = {}
-        self.cpu = CpuYield(cpu_yield)
 
     # Control channel: one connection per orchestrator, one migration at a time on it.
     async def control(self, ch: Channel) -> None:
@@ -628,9 +590,7 @@ class HostAgent:
         # open the frame channel (naming this migration) before our CAPTURE_ON arrives.
         dest_half = DestSession(mid, prep.vm_name, nics, self)
         self.dest[mid] = dest_half
-        src_half = SourceSession(mid, prep.vm_name, nics, self)
-        src_half.control = ch
-        src: SourceSession | None = src_half
+        src: SourceSession | None = SourceSession(mid, prep.vm_name, nics, self)
         dst: DestSession | None = dest_half
         await ch.send(wire.Prepared(mid))
         side = "?"
@@ -664,7 +624,6 @@ class HostAgent:
                     if dst is not None:
                         await dst.hold()  # once ACKed, the VM may start
                     elif src is not None:
-                        src.postcopy = True  # only postcopy sends HOLD to the source
                         src.flood_point()  # 1.2: floods reach the destination's hold now
                     if wire.Feature.HOLD_ACK in ch.features:
                         await ch.send(wire.Ack(mid, wire.MsgType.HOLD))
