@@ -139,7 +139,6 @@ class SourceNic:
         tc.ensure_clsact(self.nic.tap, netns=self.netns)
         self._sock = CaptureSocket(self.cap.ifname, netns=self.netns)
         self._inj = Injector(self.nic.tap, netns=self.netns)
-        self._queue_len = tc.txqueuelen(self.nic.tap, netns=self.netns)
         self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
         self._hdr = tapfd.vnet_hdr_size(self._fd)
 

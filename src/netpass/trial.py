@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from netpass import lab
-from netpass.datapath.capture import ETH_P_ALL, SO_ATTACH_FILTER, SO_TIMESTAMPNS
+from netpass.datapath.capture import ETH_P_ALL, SO_TIMESTAMPNS, BpfInsn, attach_filter
 from netpass.datapath.netns import in_netns
 from netpass.errors import LabError
 from netpass.report import RunRecord
@@ -35,12 +34,12 @@ ETH_P_RARP = 0x8035
 ETH_P_ARP = 0x0806
 
 
-def announce_filter(mac: bytes) -> bytes:
+def announce_filter(mac: bytes) -> list[BpfInsn]:
     """Classic BPF: only ARP/RARP frames from MAC reach the socket. The sniffed switch port
     also carries the migration stream; copying each of its packets to this socket and waking
     a Python thread for it took CPU from the QEMUs under test, in stock and netpass runs alike."""
     hi, lo = struct.unpack("!IH", mac)
-    prog = [
+    return [
         (0x28, 0, 0, 12),  # ldh [12]            ethertype
         (0x15, 1, 0, ETH_P_RARP),  # jeq RARP -> mac
         (0x15, 0, 4, ETH_P_ARP),  # jeq ARP -> mac, else drop
@@ -51,7 +50,6 @@ def announce_filter(mac: bytes) -> bytes:
         (0x06, 0, 0, 0),  # drop
         (0x06, 0, 0, 0xFFFF),  # keep
     ]
-    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
 
 
 class AnnounceSniffer:
@@ -62,9 +60,7 @@ class AnnounceSniffer:
         # Protocol 0 receives nothing before bind(), so the filter is in place first.
         with in_netns(netns_name):
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
-        self._code = ctypes.create_string_buffer(announce_filter(self.mac))
-        fprog = struct.pack("HP", len(self._code) // 8, ctypes.addressof(self._code))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        attach_filter(self.sock, announce_filter(self.mac))
         self.sock.bind((ifname, ETH_P_ALL))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.sock.setblocking(False)

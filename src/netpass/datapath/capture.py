@@ -112,15 +112,23 @@ class Frame(NamedTuple):
     ts_ns: int  # kernel time stamp, CLOCK_REALTIME ns (see CaptureSocket)
 
 
-def _outgoing_only_filter() -> bytes:
-    """Classic BPF: keep PACKET_OUTGOING frames, drop everything else before it is queued."""
-    prog = [
-        (0x20, 0, 0, _SKF_AD_PKTTYPE),  # ld  [pkttype]
-        (0x15, 0, 1, PACKET_OUTGOING),  # jeq #OUTGOING, keep, drop
-        (0x06, 0, 0, 0x40000),  # ret #256K (whole frame)
-        (0x06, 0, 0, 0),  # ret #0
-    ]
-    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+BpfInsn = tuple[int, int, int, int]  # code, jt, jf, k
+
+
+def attach_filter(sock: socket.socket, prog: list[BpfInsn]) -> None:
+    """Attach classic BPF PROG to SOCK (the kernel copies it: nothing to keep alive)."""
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+    fprog = struct.pack("HP", len(prog), ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+# Keep PACKET_OUTGOING frames, drop everything else before it is queued.
+_OUTGOING_ONLY: list[BpfInsn] = [
+    (0x20, 0, 0, _SKF_AD_PKTTYPE),  # ld  [pkttype]
+    (0x15, 0, 1, PACKET_OUTGOING),  # jeq #OUTGOING, keep, drop
+    (0x06, 0, 0, 0x40000),  # ret #256K (whole frame)
+    (0x06, 0, 0, 0),  # ret #0
+]
 
 
 class CaptureSocket:
@@ -140,9 +148,7 @@ class CaptureSocket:
         with in_netns(netns):
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
-            code = ctypes.create_string_buffer(_outgoing_only_filter())
-            fprog = struct.pack("HP", len(code) // 8, ctypes.addressof(code))
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            attach_filter(sock, _OUTGOING_ONLY)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
             except PermissionError:
