@@ -489,6 +489,10 @@ def test_unpaced_release_beyond_tap_queue_is_lost(netns: str) -> None:
         os.close(fd)
 
 
+def _no_pyroute2(netns: str | None = None) -> None:
+    raise AssertionError("pyroute2 used")
+
+
 @contextmanager
 def _plain_socket(ifname: str) -> Iterator[socket.socket]:
     """AF_PACKET sender through the normal egress path (clsact, root qdisc). Held frames stay
@@ -534,6 +538,43 @@ def test_tbf_hold_first_frame_and_long_hold_do_not_leak(netns: str) -> None:
             hold.open()
             assert wait_until(lambda: reader.of("S") == [0, 1, 2], 1)
         hold.remove()
+
+
+def test_prepared_close_holds_and_a_stale_one_falls_back(
+    netns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold closed by the change encoded in advance holds like the full path does; one
+    encoded for a tap since re-created (new ifindex) still closes the new tap's hold."""
+    kind = detect_caps().hold_kind
+    with _tap_reader("npdtapp") as reader:
+        hold = tc.Hold("npdtapp", kind=kind)
+        hold.install_open()
+        hold.prepare_close()
+        with monkeypatch.context() as m:  # no pyroute2 on this path (that one takes ~1 ms)
+            m.setattr(tc, "iproute", _no_pyroute2)
+            hold.close()
+        assert hold.closed
+        with _plain_socket("npdtapp") as s:
+            s.send(frame(b"S", 0))
+            time.sleep(0.3)
+            assert reader.got == [] and hold.stats().qlen == 1
+            hold.open()
+            assert wait_until(lambda: reader.of("S") == [0], 1)
+    fd = tapfd.open_tap("npdtapp", hdr_len=HDR_LEN)  # same name, new interface
+    try:
+        with iproute() as ipr:
+            ipr.link("set", ifname="npdtapp", state="up")
+        tc.Hold("npdtapp", kind=kind).install_open()
+        hold.close()  # the prepared change names the old ifindex: the kernel refuses it
+        with _plain_socket("npdtapp") as s:
+            s.send(frame(b"S", 1))
+        time.sleep(0.05)
+        assert not tapfd.queued(fd) and hold.stats().qlen == 1
+        hold.drop_prepared()
+        hold.remove()
+        assert wait_until(lambda: tapfd.queued(fd), 1)
+    finally:
+        os.close(fd)
 
 
 def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:

@@ -26,6 +26,7 @@ from netpass.datapath.capture import CaptureDevice, CaptureSocket, Frame
 from netpass.datapath.inject import Injector
 from netpass.discovery import NicInfo
 from netpass.errors import DatapathError
+from netpass.sysutil import name_this_thread
 
 BROADCAST_OR_MULTICAST = 1  # low bit of the first destination MAC byte
 # Catch-up at the destination. Rescued frames go into the tap as fast as it takes them: they
@@ -350,6 +351,7 @@ class SourceNic:
 
     # --- the relay thread --------------------------------------------------------------------
     def _run(self) -> None:
+        name_this_thread(f"np-{self.nic.tap}")
         try:
             assert self._sock is not None and self._inj is not None
             while not self._stop.is_set():
@@ -425,6 +427,7 @@ class DestNic:
         # the host prepared in advance (`netpass prepare-tap`) is adopted and left in place.
         self._hold_created = not tc.has_hold(self.nic.tap, netns=self.netns)
         self.hold.install_open()
+        self.hold.prepare_close()
         self._inj = Injector(self.nic.tap, netns=self.netns)
         self._queue_len = tc.txqueuelen(self.nic.tap, netns=self.netns)
         self._fd = tapfd.copy_fd(self.pid, self.nic.tap_fds[0])
@@ -467,6 +470,7 @@ class DestNic:
         return held
 
     def close(self) -> None:
+        self.hold.drop_prepared()
         try:
             if self._hold_created:
                 self.hold.remove()

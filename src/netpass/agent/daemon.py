@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -27,6 +28,7 @@ from netpass.agent.server import AgentServer
 from netpass.agent.tls import client_context, server_context
 from netpass.cleanup import sweep_namespace
 from netpass.errors import UsageError
+from netpass.sysutil import name_this_thread
 
 log = logging.getLogger("netpass.agent")
 
@@ -63,6 +65,12 @@ async def serve(opts: AgentOptions) -> None:
     srv_ctx = server_context(opts.cert, opts.key, opts.ca)
     # Agents reach each other by address; the CA is the check for the frame channel.
     cli_ctx = client_context(opts.cert, opts.key, opts.ca, check_hostname=False)
+    loop = asyncio.get_running_loop()
+    # Named OS threads, so `top -H` or `perf` tell the agent's workers from its event loop.
+    name_this_thread("np-agent")
+    loop.set_default_executor(
+        ThreadPoolExecutor(initializer=name_this_thread, initargs=("np-agent-worker",))
+    )
     # pyroute2's synchronous API cannot run in the event loop's thread.
     for line in await asyncio.to_thread(sweep_namespace, own_netns()):
         log.warning("startup sweep: %s", line)
@@ -79,7 +87,6 @@ async def serve(opts: AgentOptions) -> None:
     )  # fmt: skip
     watchdog = _start_watchdog() if opts.watchdog else None
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with control, frames:

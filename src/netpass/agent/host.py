@@ -229,6 +229,7 @@ class SourceSession:
         assert self.frames is not None
         ch = self.frames
         listener = asyncio.create_task(self._listen())
+        started = asyncio.create_task(self._peer_started.wait())
         deadline: float | None = None
         try:
             while True:
@@ -254,9 +255,9 @@ class SourceSession:
                 else:
                     # Until the destination runs, the frames only need to be there by then:
                     # look less often (the pause is when both QEMUs need the CPU), but wake
-                    # at once when it starts.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._peer_started.wait(), PRESTART_POLL_S)
+                    # at once when it starts. (One waiter for all rounds: wait_for would
+                    # make a task each time.)
+                    await asyncio.wait({started}, timeout=PRESTART_POLL_S)
             await ch.send(wire.End(self.mid, ch.conn.frame_summaries()))
             await asyncio.wait({listener}, timeout=END_ACK_TIMEOUT_S)
             if not self._end_acked.is_set():
@@ -267,6 +268,7 @@ class SourceSession:
                 )
             self.done = True
         finally:
+            started.cancel()
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener

@@ -189,6 +189,7 @@ class Hold:
         self.netns = netns
         self.closed = False
         self.paced = False
+        self._close_change: tcnl.PreparedChange | None = None
 
     @property
     def can_pace(self) -> bool:
@@ -217,8 +218,32 @@ class Hold:
                 raise _nl_error(f"cannot install {self.kind} hold on {self.ifname}", e) from e
         self.closed = self.paced = False
 
+    def prepare_close(self) -> None:
+        """Encode the closing change now: `close` then costs ~10 µs of CPU instead of ~1 ms,
+        which matters when it runs during the switchover, next to the loading QEMU."""
+        with iproute(self.netns) as ipr:
+            index = ifindex(ipr, self.ifname)
+        if self.kind == "plug":
+            msg = tcnl.plug_msg(index, HOLD_HANDLE, tcnl.PLUG_BUFFER, 0)
+        else:
+            msg = tcnl.tbf_msg(index, HOLD_HANDLE, tcnl.tbf_closed(self.limit_bytes))
+        self.drop_prepared()
+        self._close_change = tcnl.PreparedChange(msg, self.netns)
+
+    def drop_prepared(self) -> None:
+        if self._close_change is not None:
+            self._close_change.close()
+            self._close_change = None
+
     def close(self) -> None:
         """Hold every frame that reaches the root qdisc from now on."""
+        if self._close_change is not None:
+            try:
+                self._close_change.send()
+                self.closed, self.paced = True, False
+                return
+            except (NetlinkError, OSError):
+                pass  # the tap was re-created, say: the full path finds it, or says why not
         with iproute(self.netns) as ipr:
             index = ifindex(ipr, self.ifname)
             try:

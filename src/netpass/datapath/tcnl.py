@@ -1,13 +1,16 @@
 """Low-level traffic-control requests over netlink (pyroute2), shared by `caps` and `tc`.
 
-Callers translate `NetlinkError` into netpass errors; this module only builds and sends.
+Callers translate `NetlinkError` into netpass errors; this module only builds and sends
+(`PreparedChange`: a change encoded ahead, for when CPU is scarce).
 pyroute2 covers clsact, u32/matchall filters with mirred, and sch_plug. Its TBF helper can
 set neither `mpu` nor 64-bit rates, which the TBF hold needs, so TBF messages are built here.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +24,7 @@ from pyroute2.netlink import (
     NLM_F_REQUEST,
     nla,
 )
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELQDISC,
     RTM_DELTFILTER,
@@ -29,6 +33,8 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWQDISC,
 )
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
+
+from netpass.datapath.netns import in_netns
 
 TC_H_ROOT = 0xFFFFFFFF
 CLSACT_HANDLE = 0xFFFF0000
@@ -43,6 +49,9 @@ PLUG_BUFFER = 0
 PLUG_RELEASE_ONE = 1
 PLUG_RELEASE_INDEFINITE = 2
 PLUG_LIMIT = 3
+
+NLMSG_ERROR = 2
+_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 
 MatchAll = Literal["matchall", "u32"]
 
@@ -140,7 +149,7 @@ class TbfParams:
         return l2t_ns(self.rate, self.mpu, 0)
 
 
-def tbf_set(ipr: IPRoute, index: int, handle: int, p: TbfParams, *, create: bool) -> None:
+def tbf_msg(index: int, handle: int, p: TbfParams) -> Any:
     msg = _TbfMsg()
     msg["family"] = socket.AF_UNSPEC
     msg["index"] = index
@@ -160,19 +169,27 @@ def tbf_set(ipr: IPRoute, index: int, handle: int, p: TbfParams, *, create: bool
     # No TCA_TBF_BURST on purpose: with it the kernel derives the bucket from a byte count
     # *including* mpu, which would make every frame fit the bucket (see tc.py, Hold).
     msg["attrs"] = [["TCA_KIND", "tbf"], ["TCA_OPTIONS", {"attrs": attrs}]]
-    _send(ipr, msg, RTM_NEWQDISC, _CREATE if create else _CHANGE)
+    return msg
 
 
-def plug_set(
-    ipr: IPRoute, index: int, handle: int, action: int, limit: int, *, create: bool
-) -> None:
+def tbf_set(ipr: IPRoute, index: int, handle: int, p: TbfParams, *, create: bool) -> None:
+    _send(ipr, tbf_msg(index, handle, p), RTM_NEWQDISC, _CREATE if create else _CHANGE)
+
+
+def plug_msg(index: int, handle: int, action: int, limit: int) -> Any:
     msg = tcmsg()
     msg["family"] = socket.AF_UNSPEC
     msg["index"] = index
     msg["handle"] = handle
     msg["parent"] = TC_H_ROOT
     msg["attrs"] = [["TCA_KIND", "plug"], ["TCA_OPTIONS", {"action": action, "limit": limit}]]
-    _send(ipr, msg, RTM_NEWQDISC, _CREATE if create else _CHANGE)
+    return msg
+
+
+def plug_set(
+    ipr: IPRoute, index: int, handle: int, action: int, limit: int, *, create: bool
+) -> None:
+    _send(ipr, plug_msg(index, handle, action, limit), RTM_NEWQDISC, _CREATE if create else _CHANGE)
 
 
 def del_root_qdisc(ipr: IPRoute, index: int, handle: int) -> None:
@@ -236,6 +253,44 @@ def dump_qdiscs(ipr: IPRoute, index: int) -> list[Any]:
 
 def _send(ipr: IPRoute, msg: Any, msg_type: int, flags: int) -> None:
     tuple(ipr.nlm_request(msg, msg_type, flags))
+
+
+class PreparedChange:
+    """One qdisc change, encoded in advance and sent on a netlink socket opened in advance.
+
+    For the switchover: the hold closes while the destination QEMU loads the VM, and the
+    pyroute2 path (socket, link lookup, encode, parse) costs ~1 ms of CPU there, this 10 µs.
+    """
+
+    def __init__(self, msg: Any, netns: str | None = None) -> None:
+        msg["header"]["type"] = RTM_NEWQDISC
+        msg["header"]["flags"] = _CHANGE
+        msg.encode()
+        self._data = bytearray(msg.data)
+        with in_netns(netns):
+            self._sock = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+            )
+        self._sock.settimeout(2.0)
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def send(self) -> None:
+        """Apply the change; NetlinkError if the kernel refuses it."""
+        self._seq += 1
+        _NLMSGHDR.pack_into(self._data, 0, len(self._data), RTM_NEWQDISC, _CHANGE, self._seq, 0)
+        self._sock.send(self._data)
+        while True:  # only our own answers come to this socket; skip a stale one
+            reply = self._sock.recv(65536)
+            _, kind, _, seq, _ = _NLMSGHDR.unpack_from(reply)
+            if kind == NLMSG_ERROR and seq == self._seq:
+                code = -struct.unpack_from("=i", reply, _NLMSGHDR.size)[0]
+                if code:
+                    raise NetlinkError(code, os.strerror(code))
+                return
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 # --- TBF parameter sets used by the hold (the reasoning is in tc.py, class Hold)
