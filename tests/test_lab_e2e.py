@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,15 @@ def test_status_json_has_what_tools_need(lab_up: lab.LabState) -> None:
     assert s["destination"]["incoming"] is True
 
 
+def test_waiting_destination_has_its_guest_ram_faulted_in(lab_up: lab.LabState) -> None:
+    """-mem-prealloc: the incoming QEMU does not fault RAM in while it loads (the pause)."""
+    dst = lab_up.instance("b" if lab_up.vm_host == "a" else "a", incoming=True)
+    assert dst is not None
+    status = Path(f"/proc/{dst.pid}/status").read_text()
+    rss_kib = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS:")))
+    assert rss_kib >= 128 * 1024  # the lab guest's -m 128, all resident before any migration
+
+
 @pytest.mark.parametrize("postcopy", [False, True], ids=["precopy", "postcopy"])
 def test_stock_migration(lab_up: lab.LabState, postcopy: bool) -> None:
     st = lab_up
@@ -52,6 +62,7 @@ def test_stock_migration(lab_up: lab.LabState, postcopy: bool) -> None:
     assert t.src_stop_ns is not None and t.dst_resume_ns is not None
     assert t.true_pause_ms is not None and t.true_pause_ms > 0
     assert t.qemu_downtime_ms is not None and t.total_time_ms is not None
+    assert t.ram_downtime_bytes is not None and (t.ram_downtime_bytes > 0) != postcopy
     assert s.sent == s.received + s.lost
     assert s.sent > 1000
     assert s.lost_in_window > 0  # stock loses frames at switchover

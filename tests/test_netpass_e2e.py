@@ -20,7 +20,7 @@ from netpass.datapath import tc
 from netpass.errors import MigrationError, UsageError
 from netpass.orchestrator import migrate_netpass
 from netpass.qmp import Qmp
-from netpass.switchover import DestNic
+from netpass.switchover import SourceNic
 
 pytestmark = [needs_root, pytest.mark.e2e]
 
@@ -151,22 +151,24 @@ def test_destination_killed_mid_migration(lab_up: lab.LabState) -> None:
 def test_destination_exits_after_the_source_completed(
     lab_up: lab.LabState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The destination QEMU dies after the source sent everything (here: as the first owed
-    frames go into its tap, before it runs). The VM is lost with it; netpass says so at once
-    (not after its 300 s timeout), leaves no tc object, and `cont` on the source revives it."""
+    """The destination QEMU dies after the source sent everything (here: as netpass reads the
+    source's used-idx at the stop, which QEMU answers once the device state is out, before
+    netpass lets the destination run). The VM is lost with it; netpass says so at once (not
+    after its 300 s timeout), leaves no tc object, and `cont` on the source revives it."""
     st = lab_up
     dst_inst = lab.ensure_incoming(st, paused=True)
     src, dst, uri = _sockets(st)
-    real_inject = DestNic.inject
+    real_account = SourceNic.account
     killed: list[float] = []
 
-    def inject(self: DestNic, frames: list[bytes]) -> None:
-        real_inject(self, frames)
+    def account(self: SourceNic, used_idx_at_stop: int) -> int:
+        k = real_account(self, used_idx_at_stop)
         if not killed:
             killed.append(time.monotonic())
             vm.kill(dst_inst.pid, dst_inst.name)
+        return k
 
-    monkeypatch.setattr(DestNic, "inject", inject)
+    monkeypatch.setattr(SourceNic, "account", account)
     try:
         with trial.probe(st, 1000) as finish:
             time.sleep(0.3)
@@ -261,7 +263,6 @@ def test_bad_input_leaves_vm_untouched(lab_up: lab.LabState) -> None:
 def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
     """Capture on, relay, capture off under a 1000 pps probe, no migration: nothing lost."""
     from netpass.discovery import discover, used_idx
-    from netpass.switchover import SourceNic
 
     st = lab_up
     src = st.status()["source"]["qmp"]

@@ -56,6 +56,7 @@ METRICS: list[tuple[str, Metric]] = [
     ("QEMU-reported downtime (ms)", lambda r: r.timing.qemu_downtime_ms),
     ("total migration time (ms)", lambda r: r.timing.total_time_ms),
     ("RAM transferred (MiB)", lambda r: _mib(r.timing.ram_transferred_bytes)),
+    ("RAM sent while stopped (MiB)", lambda r: _mib(r.timing.ram_downtime_bytes)),
     ("announce after RESUME (ms)", _announce_ms),
     ("rescued frames (netpass)", lambda r: _np(r, "rescued")),
     ("rescued injected after RESUME (ms)", lambda r: _np(r, "rescued injected after RESUME (ms)")),
@@ -95,7 +96,7 @@ def cell_of(label: str, runs: int) -> Cell:
     return Cell(mode, copy == "postcopy", int(rate), runs)
 
 
-def bench_command(cells: list[Cell], agents: bool) -> str:
+def bench_command(cells: list[Cell], agents: bool, prealloc: bool = True) -> str:
     """The `netpass bench` command line that measures CELLS."""
     pre = [c for c in cells if not c.postcopy]
     post = [c for c in cells if c.postcopy]
@@ -109,6 +110,7 @@ def bench_command(cells: list[Cell], agents: bool) -> str:
         f"{' '.join(map(str, rates))} --postcopy-rates {' '.join(map(str, pc_rates))} "
         + " ".join(f"--mode {m}" for m in modes)
         + (" --agents" if agents else "")
+        + ("" if prealloc else " --no-prealloc")
     )
 
 
@@ -226,6 +228,7 @@ def run_bench(
     postcopy_rates: list[int] | None = None,
     driver_for: Callable[[Cell], trial.Driver] | None = None,
     agents: bool = False,
+    prealloc: bool = True,
 ) -> dict[Cell, list[report.RunRecord]]:
     """AGENTS: the lab runs an agent on each host and netpass runs through them (two hosts)."""
     if runs < 1:
@@ -242,8 +245,8 @@ def run_bench(
     cells = [c for c in cells if c.runs > 0]
     results: dict[Cell, list[report.RunRecord]] = {c: [] for c in cells}
     total = sum(c.runs for c in cells)
-    command = bench_command(cells, agents)
-    st = lab.up(name, progress=True, agents=agents)
+    command = bench_command(cells, agents, prealloc)
+    st = lab.up(name, progress=True, agents=agents, prealloc=prealloc)
     done = 0
     try:
         for i in range(max(c.runs for c in cells)):

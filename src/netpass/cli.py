@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 err_console = Console(stderr=True)
 out_console = Console()
+NO_PREALLOC_HELP = (
+    "boot the lab's QEMUs without -mem-prealloc: a destination then faults guest RAM in while "
+    "it loads, which makes the pause longer and noisier (the lab before 2026-11-26)"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +69,7 @@ def _progress_printer() -> ProgressFn:
 def cmd_lab_up(a: argparse.Namespace) -> int:
     from netpass import lab
 
-    st = lab.up(a.name, nics=a.nics, agents=a.agents)
+    st = lab.up(a.name, nics=a.nics, agents=a.agents, prealloc=not a.no_prealloc)
     s = st.status()
     out_console.print(
         f"lab {st.name} up: VM {', '.join(s['vm']['ip'])} on host A ({st.accel}), "
@@ -210,6 +214,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         console=out_console,
         postcopy_rates=a.postcopy_rates,
         agents=a.agents,
+        prealloc=not a.no_prealloc,
     )
     return 0
 
@@ -319,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--agents", action="store_true", help="run a netpass agent on each host (two-host mode)"
     )
+    up.add_argument("--no-prealloc", action="store_true", help=NO_PREALLOC_HELP)
     up.set_defaults(func=cmd_lab_up)
     down = labsub.add_parser("down", help="remove everything the lab created")
     down.add_argument("--name", **name_kw)  # type: ignore[arg-type]
@@ -365,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
     bench.add_argument("--raw", default=None, help="also write every run as JSON here")
+    bench.add_argument("--no-prealloc", action="store_true", help=NO_PREALLOC_HELP)
     bench.add_argument(
         "--agents", action="store_true", help="netpass through per-host agents (two hosts)"
     )

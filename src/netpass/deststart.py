@@ -170,8 +170,11 @@ async def _failed_after_dst_exit(src: Qmp, dst: Qmp) -> bool:
     completed = is_event("MIGRATION", status="completed")
     if not any(completed(e) for e in src.events):
         with contextlib.suppress(MigrationError):
-            await src.wait_event(src_failed, 10, what="the source to report the failure")
-            return False
+            end = await src.wait_event(
+                lambda e: completed(e) or src_failed(e), 10, what="the source's outcome"
+            )
+            if src_failed(end):
+                return False
     if not dst.gone:
         raise MigrationError("destination did not finish loading the VM")
     raise MigrationError(

@@ -76,6 +76,11 @@ class LabState:
     next_idx: int = 0
     instances: list[Instance] = field(default_factory=list)
     agents: dict[str, int] = field(default_factory=dict)  # host -> agent pid
+    # Each QEMU faults its guest RAM in at start (-mem-prealloc). Without it a fresh
+    # destination faults it in while it loads, and page zeroing (huge pages: 2 MiB at a time,
+    # sometimes after compaction) made the same 12 MiB final load take 19-65 ms in stock runs:
+    # that noise, not the migration, then decided the pause (docs/BENCHMARKS.md).
+    prealloc: bool = True
 
     # Derived names -------------------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -347,6 +352,7 @@ def _spec(
         accel=st.accel,
         incoming=incoming,
         paused=paused,
+        prealloc=st.prealloc,
     )
 
 
@@ -446,7 +452,11 @@ def flush_learning(st: LabState) -> None:
 
 
 def up(
-    name: str = DEFAULT_NAME, nics: int = 1, progress: bool = True, agents: bool = False
+    name: str = DEFAULT_NAME,
+    nics: int = 1,
+    progress: bool = True,
+    agents: bool = False,
+    prealloc: bool = True,
 ) -> LabState:
     require_root()
     check_name(name)
@@ -465,6 +475,7 @@ def up(
             initrd=str(image.initrd),
             nics=nics,
             vm_host="a",
+            prealloc=prealloc,
         )
         try:
             st.run_dir.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,8 @@ def _fill_info(timing: MigrationTiming, info: dict[str, Any]) -> None:
     timing.setup_time_ms = float(info["setup-time"]) if "setup-time" in info else None
     timing.ram_transferred_bytes = int(ram["transferred"]) if "transferred" in ram else None
     timing.ram_total_bytes = int(ram["total"]) if "total" in ram else None
+    # How much was left when QEMU stopped the VM: what the pause had to carry.
+    timing.ram_downtime_bytes = int(ram["downtime-bytes"]) if "downtime-bytes" in ram else None
 
 
 async def migrate(

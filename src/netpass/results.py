@@ -24,6 +24,7 @@ class MigrationTiming:
     setup_time_ms: float | None = None
     ram_transferred_bytes: int | None = None
     ram_total_bytes: int | None = None
+    ram_downtime_bytes: int | None = None  # RAM sent while both VMs were stopped (QEMU 7.1+)
     migrate_start_ns: int | None = None  # when netpass issued 'migrate'
     completed_ns: int | None = None  # MIGRATION status=completed event on the source
     postcopy_start_ns: int | None = None  # when 'migrate-start-postcopy' was issued

@@ -41,6 +41,7 @@ class VmSpec:
     memory_mb: int = 128
     incoming: bool = False  # -incoming defer: wait for migrate-incoming
     paused: bool = False  # -S: stay paused after an incoming migration until 'cont'
+    prealloc: bool = False  # -mem-prealloc: guest RAM faulted in at start, not during a load
     extra: list[str] = field(default_factory=list)
 
     def argv(self, image: GuestImage) -> list[str]:
@@ -86,6 +87,8 @@ class VmSpec:
                 "-device",
                 f"virtio-net-pci,netdev=net{i},mac={nic.mac},id=nic{i}",
             ]
+        if self.prealloc:
+            argv.append("-mem-prealloc")
         if self.incoming:
             argv += ["-incoming", "defer"]
         if self.paused:
