@@ -83,6 +83,22 @@ def test_table_two_runs_side_by_side(runs: list[RunRecord]) -> None:
     assert "300.0" in lines["RAM transferred (MiB)"]
 
 
+def test_table_fits_80_columns_without_cutting_values(runs: list[RunRecord]) -> None:
+    """A log or an 80-column terminal: names may wrap, numbers are never cut short."""
+    runs[0].label = "stock precopy 1000 pps"
+    runs[1].label = "netpass precopy 1000 pps"
+    runs[1].timing.netpass["destination rescued_injected_after_resume_us"] = 2415
+    runs[1].timing.netpass["destination start"] = "cont queued during the load, run as it ended"
+    console = Console(width=80, record=True, color_system=None)
+    print_table(runs, console)
+    text = console.export_text()
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    pause = next(ln for ln in text.splitlines() if "true pause" in ln)
+    assert pause.count("30.0") == 2  # both runs' values, whole
+    assert "2415" in text
+
+
 def test_table_without_timing() -> None:
     run = make_run("bare", "stock", {5}, with_timing=False)
     assert run.stats.window_start_ns is None

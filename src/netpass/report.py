@@ -127,9 +127,10 @@ ROWS: list[tuple[str, Callable[[RunRecord], str]]] = [
 def render_table(runs: Sequence[RunRecord]) -> Table:
     """One column per run; netpass counters (timing.netpass) follow as extra rows."""
     table = Table(title="Migration switchover", show_lines=False)
-    table.add_column("metric", style="bold", no_wrap=True)
+    # In 80 columns (or a log) the long names wrap; a value is never cut short.
+    table.add_column("metric", style="bold", overflow="fold", ratio=2)
     for r in runs:
-        table.add_column(r.label, justify="right", no_wrap=True)
+        table.add_column(r.label, justify="right", overflow="fold", ratio=1, min_width=6)
     for name, cell in ROWS:
         table.add_row(name, *(cell(r) for r in runs))
     counters: list[str] = []
