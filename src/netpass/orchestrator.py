@@ -27,6 +27,7 @@ from netpass.switchover import (
     SourceNic,
     catchup_for,
 )
+from netpass.sysutil import gc_frozen
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -410,6 +411,10 @@ class NetpassTimeline:
             self.error = str(e)
 
     async def run(self) -> MigrationTiming:
+        with gc_frozen():  # no long garbage-collector pause in the timeline
+            return await self._run()
+
+    async def _run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
         await self._prepare()
         failed: MigrationError | None = None

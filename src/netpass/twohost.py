@@ -39,6 +39,7 @@ from netpass.orchestrator import (
 )
 from netpass.qmp import Qmp, is_event
 from netpass.results import MigrationTiming
+from netpass.sysutil import gc_frozen
 from netpass.wire import Feature
 
 M = TypeVar("M", bound=wire.Message)
@@ -210,6 +211,10 @@ class TwoHostTimeline:
             raise ChannelError(f"{who} agent: {e}") from e
 
     async def run(self) -> MigrationTiming:
+        with gc_frozen():  # no long garbage-collector pause in the timeline
+            return await self._run()
+
+    async def _run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
         # STOP is stamped by the source host's clock, RESUME by the destination's: measure how
         # far apart they are (NTP style, through each agent) to correct the pause.
