@@ -368,7 +368,8 @@ async def migrate_netpass(
             src, dst, uri, postcopy, params, progress, timeout, pause_before_switchover
         )
         tl.early_start = early_start
-        return await tl.run()
+        with gc_frozen():  # no long garbage-collector pause in the timeline
+            return await tl.run()
 
 
 class NetpassTimeline:
@@ -411,10 +412,6 @@ class NetpassTimeline:
             self.error = str(e)
 
     async def run(self) -> MigrationTiming:
-        with gc_frozen():  # no long garbage-collector pause in the timeline
-            return await self._run()
-
-    async def _run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
         await self._prepare()
         failed: MigrationError | None = None

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from netpass.errors import HostError
 
 PR_SET_NAME = 15  # linux/prctl.h
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def require_root() -> None:
@@ -43,9 +44,7 @@ def run(
 def name_this_thread(name: str) -> None:
     """Give the calling OS thread a name (15 bytes) that `top -H`, `ps -L` and `perf` show;
     Python 3.11 names only its own Thread objects."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)  # a failure leaves the old name
 
 
 _frozen = 0  # migrations inside gc_frozen() in this process

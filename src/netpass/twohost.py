@@ -119,7 +119,8 @@ async def migrate_two_hosts(
         async with _sessions(src_qmp, dst_qmp) as (src, dst):
             tl = TwoHostTimeline(src, dst, uri, src_ch, dst_ch, dst_agent, postcopy, params)
             tl.phase.progress, tl.timeout, tl.early_start = progress, timeout, early_start
-            return await tl.run()
+            with gc_frozen():  # no long garbage-collector pause in the timeline
+                return await tl.run()
     finally:
         for ch in (src_ch, dst_ch):
             with contextlib.suppress(ChannelError, OSError):
@@ -211,10 +212,6 @@ class TwoHostTimeline:
             raise ChannelError(f"{who} agent: {e}") from e
 
     async def run(self) -> MigrationTiming:
-        with gc_frozen():  # no long garbage-collector pause in the timeline
-            return await self._run()
-
-    async def _run(self) -> MigrationTiming:
         await _check_ready(self.src, self.dst)
         # STOP is stamped by the source host's clock, RESUME by the destination's: measure how
         # far apart they are (NTP style, through each agent) to correct the pause.

@@ -263,9 +263,7 @@ class PreparedChange:
     """
 
     def __init__(self, msg: Any, netns: str | None = None) -> None:
-        msg["header"]["type"] = RTM_NEWQDISC
-        msg["header"]["flags"] = _CHANGE
-        msg.encode()
+        msg.encode()  # the header is packed at each send
         self._data = bytearray(msg.data)
         with in_netns(netns):
             self._sock = socket.socket(
