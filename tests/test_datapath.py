@@ -552,7 +552,7 @@ def test_prepared_close_holds_and_a_stale_one_falls_back(
         hold.prepare_close()
         with monkeypatch.context() as m:  # no pyroute2 on this path (that one takes ~1 ms)
             m.setattr(tc, "iproute", _no_pyroute2)
-            hold.close()
+            assert hold.close_prepared()
         assert hold.closed
         with _plain_socket("npdtapp") as s:
             s.send(frame(b"S", 0))
@@ -565,7 +565,10 @@ def test_prepared_close_holds_and_a_stale_one_falls_back(
         with iproute() as ipr:
             ipr.link("set", ifname="npdtapp", state="up")
         tc.Hold("npdtapp", kind=kind).install_open()
-        hold.close()  # the prepared change names the old ifindex: the kernel refuses it
+        # The prepared change names the old ifindex: the kernel refuses it, and the caller
+        # that must not block (an agent's event loop) hears so; the full path closes it.
+        assert not hold.close_prepared() and not hold.closed
+        hold.close()
         with _plain_socket("npdtapp") as s:
             s.send(frame(b"S", 1))
         time.sleep(0.05)
@@ -577,9 +580,15 @@ def test_prepared_close_holds_and_a_stale_one_falls_back(
         os.close(fd)
 
 
-def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:
+def test_tbf_hold_20000_frames_paced_release(netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A large hold: nothing dropped by the qdisc, and a paced release the reader can follow
-    although the tap's own queue (txqueuelen) is far smaller than the hold."""
+    although the tap's own queue (txqueuelen) is far smaller than the hold. Waiting for it
+    to drain looks at the queue about every 10 ms, not every millisecond."""
+    looks = []
+    real_root = tc._root_qdisc
+    monkeypatch.setattr(
+        tc, "_root_qdisc", lambda ipr, index: looks.append(1) or real_root(ipr, index)
+    )
     with _tap_reader("npdtaph") as reader:
         # Still 5x smaller than the hold, but a busy machine may stall the Python reader for
         # 200 ms without the tap dropping anything (at 1000 frames it once dropped some).
@@ -597,8 +606,11 @@ def test_tbf_hold_20000_frames_paced_release(netns: str) -> None:
         t0 = time.monotonic()
         hold.open(pace_per_ms=20)
         assert hold.paced
-        assert wait_until(lambda: len(reader.got) == n, 10), tc.tx_dropped("npdtaph")
+        looks.clear()
+        assert hold.wait_drained(10)
         took = time.monotonic() - t0
+        assert len(looks) <= took / tc.DRAIN_POLL_MAX_S + 5, (len(looks), took)
+        assert wait_until(lambda: len(reader.got) == n, 10), tc.tx_dropped("npdtaph")
         assert reader.of("S") == list(range(n))
         assert took >= n / 20 / 1000 * 0.9  # really paced (~1 s)
         assert tc.tx_dropped("npdtaph") == 0

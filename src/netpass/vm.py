@@ -50,7 +50,8 @@ class VmSpec:
         argv = [
             QEMU,
             "-name",
-            f"{self.name},process={self.name}",
+            # Named threads (live_migration, CPU 0/TCG, ...) tell perf and top -H what runs.
+            f"{self.name},process={self.name},debug-threads=on",
             "-machine",
             "pc",
             "-accel",

@@ -219,7 +219,7 @@ class SourceSession:
         for nic_id, u in entries:
             half = self.halves[nic_id]
             half.account(u)
-            await asyncio.to_thread(half.drain_tap)
+            half.drain_tap()  # reads that never block, of a few frames: no worker thread
         self.flood_point()  # unless HOLD (postcopy) set it before the stop
         self._streamer = asyncio.create_task(self._stream())
 
@@ -378,8 +378,11 @@ class DestSession:
             await asyncio.to_thread(half.prepare)
 
     async def hold(self) -> None:
+        # In the loop's thread when the prepared change applies: a hand-off to a worker thread
+        # costs more CPU than the change itself, at the moment the loading QEMU needs it.
         for half in self.halves.values():
-            await asyncio.to_thread(half.close_and_flush)
+            if not half.close_and_flush_prepared():
+                await asyncio.to_thread(half.close_and_flush)
         if self._early is None:
             self._early = asyncio.create_task(self._inject_early())
 
@@ -404,7 +407,10 @@ class DestSession:
                 continue
             batch = [box.frames.popleft() for _ in range(n)]
             self.buffered_bytes -= sum(len(f) for f in batch)
-            await asyncio.to_thread(self.halves[nic_id].inject, batch)
+            if early:  # they fit the tap queue (room_before_start): no send can wait
+                self.halves[nic_id].inject(batch)
+            else:
+                await asyncio.to_thread(self.halves[nic_id].inject, batch)
             self.injected_ns = time.time_ns()
             self._digests[nic_id].update_many(wire.FrameRecord(f) for f in batch)
             self.host.metrics.injected.inc(len(batch))
