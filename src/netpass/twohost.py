@@ -20,7 +20,7 @@ from uuid import uuid4
 from netpass import wire
 from netpass.agent.channel import Channel, ChannelError, connect
 from netpass.agent.clock import ClockEstimate, estimate_offset
-from netpass.deststart import DestStart, src_failed
+from netpass.deststart import DestStart, dst_resumed, src_failed
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
@@ -197,6 +197,7 @@ class TwoHostTimeline:
         self.early_start = True  # may the destination get `cont` while it loads
         self.start = DestStart(src, dst, postcopy)
         self.armed = False  # postcopy: HOLD went to the destination before the source stopped
+        self.accounted = "at the stop"  # when the source agent got the final used-idx
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -396,6 +397,14 @@ class TwoHostTimeline:
         if not self.live:
             return
         try:
+            if self.postcopy and self.start.early is not None:
+                # The destination has its `cont` and starts by itself once it has loaded the
+                # device state: the agents' accounting, drain and stream wait until then, off
+                # the CPU it loads and starts on (the owed frames go in just after RESUME).
+                with contextlib.suppress(MigrationError):
+                    if not await dst_resumed(self.src, self.dst, self.timeout):
+                        return
+                self.accounted = "after the destination's RESUME"
             final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.FINAL, final)
         except (ChannelError, NetpassError) as e:
@@ -475,6 +484,7 @@ class TwoHostTimeline:
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
         flat.update(self.start.report())
+        flat["accounting"] = self.accounted
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat
