@@ -79,7 +79,7 @@ class LabState:
     # Each QEMU faults its guest RAM in at start (-mem-prealloc). Without it a fresh
     # destination faults it in while it loads, and page zeroing (huge pages: 2 MiB at a time,
     # sometimes after compaction) made the same 12 MiB final load take 19-65 ms in stock runs:
-    # that noise, not the migration, then decided the pause (docs/BENCHMARKS-two-host.md).
+    # that noise, not the migration, then decided the pause (docs/BENCHMARKS-two-host-ab-*.md).
     prealloc: bool = True
 
     # Derived names -------------------------------------------------------------------------

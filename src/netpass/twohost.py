@@ -20,7 +20,7 @@ from uuid import uuid4
 from netpass import wire
 from netpass.agent.channel import Channel, ChannelError, connect
 from netpass.agent.clock import ClockEstimate, estimate_offset
-from netpass.deststart import DestStart, dst_resumed, src_failed
+from netpass.deststart import DestStart, src_failed
 from netpass.discovery import NicInfo, discover, used_idx
 from netpass.errors import MigrationError, NetpassError, UsageError
 from netpass.orchestrator import (
@@ -197,7 +197,6 @@ class TwoHostTimeline:
         self.early_start = True  # may the destination get `cont` while it loads
         self.start = DestStart(src, dst, postcopy)
         self.armed = False  # postcopy: HOLD went to the destination before the source stopped
-        self.accounted = "at the stop"  # when the source agent got the final used-idx
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -325,7 +324,8 @@ class TwoHostTimeline:
         self.phase.enter("switch")
         self.start.source_stopped()
         await self._hold()
-        accounting = asyncio.create_task(self._account())
+        later = self._accounts_after_resume
+        accounting = None if later else asyncio.create_task(self._account())
         try:
 
             async def ready() -> None:
@@ -333,11 +333,13 @@ class TwoHostTimeline:
                 # before the destination may run.
                 if self.live and not self.armed and Feature.HOLD_ACK in self.dst_ch.features:
                     await self._hold_closed()
-                await accounting
+                if accounting is not None:
+                    await accounting
 
             started = await self.start.run(ready, self.timeout)
         finally:
-            await accounting
+            if accounting is not None:
+                await accounting
         if not started:
             return False
         resume = await self.dst.wait_event(is_event("RESUME"), 30, what="destination RESUME")
@@ -347,8 +349,18 @@ class TwoHostTimeline:
                 await self._send("destination", wire.VmStarted(self.mid, resume.t_ns))
             except (ChannelError, NetpassError) as e:
                 self._fail(e)
+        if later:
+            await self._account()
         self.phase.enter("deliver")
         return True
+
+    @property
+    def _accounts_after_resume(self) -> bool:
+        """Postcopy with the destination's `cont` already sent: it starts by itself once it
+        has the device state, and the accounting, the source agent's drain and stream and the
+        destination agent's injection wait until then, off the CPU it loads and starts on
+        (the owed frames go in just after RESUME; the source's used-idx is frozen meanwhile)."""
+        return self.postcopy and self.start.early is not None
 
     async def _hold(self) -> None:
         """The source agent stops relaying; the destination agent closes its hold (postcopy:
@@ -397,14 +409,6 @@ class TwoHostTimeline:
         if not self.live:
             return
         try:
-            if self.postcopy and self.start.early is not None:
-                # The destination has its `cont` and starts by itself once it has loaded the
-                # device state: the agents' accounting, drain and stream wait until then, off
-                # the CPU it loads and starts on (the owed frames go in just after RESUME).
-                with contextlib.suppress(MigrationError):
-                    if not await dst_resumed(self.src, self.dst, self.timeout):
-                        return
-                self.accounted = "after the destination's RESUME"
             final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
             await self._used(wire.UsedPhase.FINAL, final)
         except (ChannelError, NetpassError) as e:
@@ -484,7 +488,9 @@ class TwoHostTimeline:
             for k, v in counts.items():
                 flat[f"{side} {k}"] = v
         flat.update(self.start.report())
-        flat["accounting"] = self.accounted
+        flat["accounting"] = (
+            "after the destination's RESUME" if self._accounts_after_resume else "at the stop"
+        )
         if self.error:
             flat["error"] = self.error
         self.timing.netpass = flat

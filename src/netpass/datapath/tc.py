@@ -190,9 +190,12 @@ class Hold:
         self.limit_bytes = limit_bytes
         self.netns = netns
         self.closed = False
-        self.paced = False
-        self.pace_per_ms = 0.0  # the pace of the last paced `open`
+        self.pace_per_ms: float | None = None  # frames/ms while a paced `open` is in force
         self._close_change: tcnl.PreparedChange | None = None
+
+    @property
+    def paced(self) -> bool:
+        return self.pace_per_ms is not None
 
     @property
     def can_pace(self) -> bool:
@@ -219,7 +222,7 @@ class Hold:
                     self._set_open(ipr, index, create=True)
             except NetlinkError as e:
                 raise _nl_error(f"cannot install {self.kind} hold on {self.ifname}", e) from e
-        self.closed = self.paced = False
+        self.closed, self.pace_per_ms = False, None
 
     def prepare_close(self) -> None:
         """Encode the closing change now: `close` then costs ~10 µs of CPU instead of ~1 ms,
@@ -253,19 +256,21 @@ class Hold:
                     )
             except NetlinkError as e:
                 raise _nl_error(f"cannot close hold on {self.ifname}", e) from e
-        self.closed, self.paced = True, False
+        self.closed, self.pace_per_ms = True, None
 
     def close_prepared(self) -> bool:
         """`close` with the change encoded in advance, without pyroute2 (so an event loop's
         thread may call it); False when there is none or the kernel refused it (the tap was
-        re-created, say): then `close` takes the full path, which finds it or says why not."""
+        re-created, say): then `close` takes the full path, which finds it or says why not.
+        A refused change is dropped, so that path does not try it again."""
         if self._close_change is None:
             return False
         try:
             self._close_change.send()
         except (NetlinkError, OSError):
+            self.drop_prepared()
             return False
-        self.closed, self.paced = True, False
+        self.closed, self.pace_per_ms = True, None
         return True
 
     def open(self, pace_per_ms: float | None = None) -> None:
@@ -282,10 +287,10 @@ class Hold:
                 if pace_per_ms is not None and self.kind == "tbf":
                     p = tcnl.tbf_paced(self.limit_bytes, pace_per_ms)
                     tcnl.tbf_set(ipr, index, HOLD_HANDLE, p, create=False)
-                    self.paced, self.pace_per_ms = True, pace_per_ms
+                    self.pace_per_ms = pace_per_ms
                 else:
                     self._set_open(ipr, index, create=False)
-                    self.paced = False
+                    self.pace_per_ms = None
             except NetlinkError as e:
                 raise _nl_error(f"cannot open hold on {self.ifname}", e) from e
         self.closed = False
@@ -314,7 +319,7 @@ class Hold:
                 now = time.monotonic()
                 if now >= deadline:
                     return False
-                pace = self.pace_per_ms if self.paced else None
+                pace = self.pace_per_ms
                 eta = qlen / pace / 1e3 if pace else DRAIN_POLL_MIN_S
                 time.sleep(min(max(eta, DRAIN_POLL_MIN_S), DRAIN_POLL_MAX_S, deadline - now))
         return True
@@ -331,7 +336,7 @@ class Hold:
                 _release_and_delete(ipr, index, root, drain_timeout)
             except NetlinkError as e:
                 raise _nl_error(f"cannot remove hold from {self.ifname}", e) from e
-        self.closed = self.paced = False
+        self.closed, self.pace_per_ms = False, None
 
     def _set_open(self, ipr: IPRoute, index: int, *, create: bool) -> None:
         if self.kind == "plug":
