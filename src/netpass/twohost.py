@@ -329,10 +329,10 @@ class TwoHostTimeline:
         try:
 
             async def ready() -> None:
-                # As in one host: the hold is closed and the source agent has the final used-idx
-                # before the destination may run.
+                # The hold is closed before the destination may run (and, as in one host, the
+                # source agent has the final used-idx, unless that waits for the RESUME).
                 if self.live and not self.armed and Feature.HOLD_ACK in self.dst_ch.features:
-                    await self._hold_closed()
+                    await self._hold_confirmed()
                 if accounting is not None:
                     await accounting
 
@@ -356,11 +356,13 @@ class TwoHostTimeline:
 
     @property
     def _accounts_after_resume(self) -> bool:
-        """Postcopy with the destination's `cont` already sent: it starts by itself once it
-        has the device state, and the accounting, the source agent's drain and stream and the
-        destination agent's injection wait until then, off the CPU it loads and starts on
-        (the owed frames go in just after RESUME; the source's used-idx is frozen meanwhile)."""
-        return self.postcopy and self.start.early is not None
+        """With the early `cont` (postcopy: already sent; precopy: sent once the hold is
+        closed) the destination starts by itself once it has the device state, and the
+        accounting, the source agent's drain and stream and the destination agent's injection
+        wait until it runs, off the CPU it loads and starts on (the owed frames go in just
+        after RESUME). The stopped source's used-idx does not move meanwhile, and a failure
+        before RESUME gives back with the used-idx read after the source resumed."""
+        return self.start.refusal is None
 
     async def _hold(self) -> None:
         """The source agent stops relaying; the destination agent closes its hold (postcopy:
@@ -388,20 +390,19 @@ class TwoHostTimeline:
             self._fail(e)
             return
         self.armed = True
-        await self._hold_closed()
-        if self.live and Feature.HOLD_ACK in self.src_ch.features:
-            try:
-                await self._send("source", wire.Hold(self.mid))  # the flood point
-            except (ChannelError, NetpassError) as e:
-                self._fail(e)
+        await self._hold_confirmed()
         if self.live:
             await self.start.cont_now()
 
-    async def _hold_closed(self) -> None:
+    async def _hold_confirmed(self) -> None:
+        """Wait for ACK(HOLD), then tell the source agent that floods now reach the
+        destination's hold (it neither relays nor owes them from then on)."""
         try:
             ack = await _expect(self.dst_ch, wire.Ack, "destination", timeout=5)
             if ack.acked != wire.MsgType.HOLD:
                 raise ChannelError(f"destination agent: ACK({ack.acked.name}) instead of ACK(HOLD)")
+            if Feature.HOLD_ACK in self.src_ch.features:
+                await self._send("source", wire.Hold(self.mid))  # the flood point
         except (ChannelError, NetpassError, TimeoutError) as e:
             self._fail(e)
 
