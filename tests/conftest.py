@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 
-from netpass import lab, netns
+from netpass import lab, netns, trial
+from netpass.analysis import ProbeStats, analyze
 from netpass.datapath import tc
+from netpass.errors import MigrationError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -57,3 +62,16 @@ def tc_clean(st: lab.LabState) -> None:
             assert not [p for p in prios if tc.PRIO_BASE <= p < tc.PRIO_BASE + 16], tap
             if tc.has_hold(tap, netns=ns):
                 assert tc.Hold(tap, netns=ns).stats().qlen == 0
+
+
+def fails_under_probe(
+    st: lab.LabState, go: Callable[[], Coroutine[Any, Any, object]], match: str
+) -> ProbeStats:
+    """Run GO under a 1000 pps probe; it must raise MigrationError matching MATCH. The probe's
+    statistics, with half a second after the failure for the source VM to answer again."""
+    with trial.probe(st, 1000) as finish:
+        time.sleep(0.3)
+        with pytest.raises(MigrationError, match=match):
+            asyncio.run(go())
+        time.sleep(0.5)
+        return analyze(finish())

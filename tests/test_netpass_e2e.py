@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import needs_root, run_cli, tc_clean
+from conftest import fails_under_probe, needs_root, run_cli, tc_clean
 from netpass import lab, trial, vm
 from netpass.analysis import analyze
 from netpass.cli import lab_driver
@@ -135,12 +135,7 @@ def test_destination_killed_mid_migration(lab_up: lab.LabState) -> None:
         vm.kill(dst_inst.pid, dst_inst.name)
         await task
 
-    with trial.probe(st, 1000) as finish:
-        time.sleep(0.3)
-        with pytest.raises(MigrationError, match="failed; the source VM runs again"):
-            asyncio.run(go())
-        time.sleep(0.5)
-        stats = analyze(finish())
+    stats = fails_under_probe(st, go, "failed; the source VM runs again")
     lab.stop_instance(st, dst_inst)
     assert _src_running(st) == "running"
     assert stats.lost == 0 and stats.duplicates == 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftovers, tc_clean
+from conftest import fails_under_probe, leftovers, tc_clean
 from faultproxy import FaultProxy
 from netpass import lab, trial, vm, wire
 from netpass.agent.channel import Channel, HandshakeError, connect
@@ -254,6 +254,40 @@ def test_agent_killed_mid_migration_migration_completes(lab2: lab.LabState, side
     assert after.sent > 100 and after.received == after.sent
     lab.start_agents(st, hosts=host)
     st.save()
+
+
+def test_destination_killed_at_the_stop_gives_frames_back(lab2: lab.LabState) -> None:
+    """The destination QEMU dies at the source's STOP, after the destination agent closed its
+    hold but before any accounting (which waits for a RESUME that never comes): the source
+    fails, runs again, and its agent gives back exactly what the stopped guest did not take."""
+    st = lab.load(lab2.name)
+    dst_inst = lab.ensure_incoming(st, paused=True)
+    s = st.status()
+    src, dst = s["source"], s["destination"]
+    assert isinstance(src, dict) and isinstance(dst, dict)
+    hit: list[str] = []
+    aborted = 'netpass_migrations_total{outcome="aborted",side="source"}'
+    before = _metrics(st.host_ns(src["host"])).get(aborted, 0.0)
+
+    def on_progress(p: Progress) -> None:
+        if p.phase == "switch" and not hit:
+            hit.append(p.phase)
+            vm.kill(dst_inst.pid, dst_inst.name)  # 12 MiB of final load still to send
+
+    async def go() -> None:
+        await migrate_two_hosts(
+            src["qmp"], dst["qmp"], str(s["migration_uri"]),
+            _addr(st, src["host"]), _addr(st, dst["host"]), _ctx(st), progress=on_progress,
+        )  # fmt: skip
+
+    stats = fails_under_probe(st, go, "failed; the source VM runs again")
+    lab.stop_instance(st, dst_inst)
+    assert hit == ["switch"]
+    assert stats.sent > 500 and stats.lost == 0 and stats.duplicates == 0, stats
+    assert stats.reordered == 0, stats
+    # The source agent gave the frames back and ended the migration as aborted.
+    assert _metrics(st.host_ns(src["host"])).get(aborted, 0.0) == before + 1
+    _eventually(lambda: tc_clean(lab.load(lab2.name)), 2.0)
 
 
 def test_four_vms_at_once(lab2: lab.LabState) -> None:
