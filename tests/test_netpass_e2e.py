@@ -8,15 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from conftest import fails_under_probe, needs_root, run_cli, tc_clean
 from netpass import lab, trial, vm
-from netpass.analysis import analyze
+from netpass.analysis import ProbeStats, analyze
 from netpass.cli import lab_driver
 from netpass.datapath import tc
+from netpass.discovery import discover, used_idx
 from netpass.errors import MigrationError, UsageError
 from netpass.orchestrator import migrate_netpass
 from netpass.qmp import Qmp
@@ -257,13 +259,44 @@ def test_bad_input_leaves_vm_untouched(lab_up: lab.LabState) -> None:
 
 def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
     """Capture on, relay, capture off under a 1000 pps probe, no migration: nothing lost."""
-    from netpass.discovery import discover, used_idx
 
-    st = lab_up
-    src = st.status()["source"]["qmp"]
+    async def relay(nic: SourceNic) -> None:
+        await asyncio.sleep(1.0)
+
+    nic, stats = _relay_cycle(lab_up, relay)
+    assert nic.counters.relayed > 500
+    assert stats.lost == 0 and stats.duplicates == 0 and stats.reordered == 0
+    tc_clean(lab_up)
+
+
+def test_relay_pauses_at_the_stop_and_gives_back_in_order(lab_up: lab.LabState) -> None:
+    """After stop_relay the relay thread leaves new frames in the capture socket (it does not
+    wake during the pause); give_back still returns every one of them, in order."""
+    seen: list[int] = []
+
+    async def relay_then_stop(nic: SourceNic) -> None:
+        await asyncio.sleep(0.5)
+        nic.stop_relay()
+        await asyncio.sleep(0.05)  # a read in progress ends
+        seen.append(nic.counters.captured)
+        await asyncio.sleep(0.3)  # 300 frames at 1000 pps, left in the socket
+        seen.append(nic.counters.captured)
+
+    nic, stats = _relay_cycle(lab_up, relay_then_stop)
+    assert seen[0] > 300 and seen[1] == seen[0], seen  # nothing read while paused
+    assert nic.counters.returned >= 250, nic.counters.to_dict()
+    assert stats.lost == 0 and stats.duplicates == 0 and stats.reordered == 0, stats
+    tc_clean(lab_up)
+
+
+def _relay_cycle(
+    st: lab.LabState, middle: Callable[[SourceNic], Awaitable[None]]
+) -> tuple[SourceNic, ProbeStats]:
+    """Under a 1000 pps probe, no migration: capture on and relay the VM's first NIC (from a
+    settled used-idx), run MIDDLE, give back, capture off."""
 
     async def cycle() -> SourceNic:
-        q = Qmp("src", src)
+        q = Qmp("src", st.status()["source"]["qmp"])
         await q.connect()
         try:
             info = await discover(q)
@@ -272,7 +305,7 @@ def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
             await asyncio.to_thread(nic.capture_on)
             assert await asyncio.to_thread(nic.wait_tap_empty)
             nic.start_relay(await used_idx(q, nic.nic))
-            await asyncio.sleep(1.0)
+            await middle(nic)
             await asyncio.to_thread(nic.give_back, None)
             await asyncio.to_thread(nic.close)
             return nic
@@ -283,7 +316,4 @@ def test_setup_and_teardown_lose_nothing(lab_up: lab.LabState) -> None:
         time.sleep(0.5)
         nic = asyncio.run(cycle())
         time.sleep(0.5)
-        stats = analyze(finish())
-    assert nic.counters.relayed > 500
-    assert stats.lost == 0 and stats.duplicates == 0 and stats.reordered == 0
-    tc_clean(st)
+        return nic, analyze(finish())

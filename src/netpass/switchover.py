@@ -122,6 +122,11 @@ class SourceNic:
         self._flush_ns: int | None = None  # after this, floods also reached the destination
         self._mac = bytes.fromhex(nic.mac.replace(":", ""))
         self._stop = threading.Event()
+        # Cleared from the stop until the accounting or the destination's start: meanwhile
+        # new frames have nowhere to go, so the thread leaves them in the socket (64 MiB)
+        # instead of waking every 2 ms on the cores both QEMUs need for the pause.
+        self._awake = threading.Event()
+        self._awake.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last_capture = time.monotonic()
@@ -176,6 +181,8 @@ class SourceNic:
     def stop_relay(self) -> None:
         with self._lock:
             self._relaying = False
+            if self._rescue is None and not self._dest_runs:
+                self._awake.clear()
 
     def account(self, used_idx_at_stop: int) -> int:
         """The VM is stopped: split relayed frames into received (1..K) and owed (K+1..)."""
@@ -194,6 +201,7 @@ class SourceNic:
             self._pending.clear()
             self.counters.rescued = len(self._rescue)
             self._relayed_tail = owed
+        self._awake.set()  # what the socket kept follows, into the owed list
         return k
 
     def drain_tap(self) -> int:
@@ -225,6 +233,7 @@ class SourceNic:
         with self._lock:
             self._dest_runs = True
             self._unconfirmed.clear()
+        self._awake.set()
 
     def arrival_per_ms(self) -> float | None:
         """The rate frames arrived at since capture-on (None before it)."""
@@ -261,8 +270,11 @@ class SourceNic:
         owed[0 : len(owed) - delivered]. Then the redirect goes away.
         """
         self._stop_thread()  # it would otherwise capture into what is being handed back
+        assert self._sock is not None
         with self._lock:
             self._relaying = False
+            for fr in self._sock.recv_many(100000):  # what the paused thread left there
+                self._classify(fr)
             if self._rescue is not None and used_idx_now is not None:
                 # owed = [purged by the stop][held in QEMU's queue][tap queue]; netpass drained
                 # the tap queue, so QEMU delivered only what it held, just before `drained`.
@@ -332,6 +344,7 @@ class SourceNic:
 
     def _stop_thread(self) -> None:
         self._stop.set()
+        self._awake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -355,6 +368,7 @@ class SourceNic:
         try:
             assert self._sock is not None and self._inj is not None
             while not self._stop.is_set():
+                self._awake.wait()
                 if not self._sock.wait(0.002):
                     continue
                 if self._relaying or not self._dest_runs:
