@@ -259,7 +259,8 @@ def run_bench(
                 if lab.vm_running(st):
                     lab.ensure_incoming(st, paused=(c.mode == "netpass"))
                 else:
-                    console.print("the lab VM is gone: booting a new one", highlight=False)
+                    why = lab.vm_death(st)
+                    console.print(f"the lab VM is gone ({why}): booting a new one", highlight=False)
                     lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
                 rec = trial.run_trial(st, c.label, c.rate, driver_for(c))
                 results[c].append(rec)

@@ -620,6 +620,13 @@ def vm_running(st: LabState) -> bool:
     return inst is not None and vm.alive(inst.pid)
 
 
+def vm_death(st: LabState) -> str:
+    """Why the lab VM is gone: the serial log's panic line, if the guest left one."""
+    inst = st.instance(st.vm_host, incoming=False)
+    death = guest_death(Path(inst.serial)) if inst is not None else None
+    return death or "its QEMU exited, no panic in the serial log"
+
+
 def _teardown(name: str) -> list[str]:
     """Remove every trace of lab `name`; returns what was removed. Never raises for leftovers."""
     removed: list[str] = []
