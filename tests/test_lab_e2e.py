@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from conftest import leftovers, needs_root, run_cli
-from netpass import lab, trial
+from netpass import bench, lab, trial, vm
 from netpass.analysis import analyze
 from netpass.cli import lab_driver
 
@@ -101,4 +102,34 @@ def test_down_after_killed_run_leaves_nothing() -> None:
     (lab.RUN_DIR / name / "state.json").write_text("{corrupt")  # as if killed mid-write
     r = run_cli("lab", "down", "--name", name)
     assert r.returncode == 0, r.stderr
+    assert leftovers(name) == []
+
+
+def test_bench_survives_a_vm_that_dies_between_runs(tmp_path: Path) -> None:
+    """The lab VM exits after the bench checked it and before its run: the bench says why,
+    boots a new VM, makes the run on it, and writes every run to its raw file."""
+    name = f"npk{os.getpid() % 100000}"
+    killed: list[int] = []
+
+    def driver_for(c: bench.Cell) -> trial.Driver:
+        if not killed:
+            st = lab.load(name)
+            inst = st.instance(st.vm_host, incoming=False)
+            assert inst is not None
+            vm.kill(inst.pid, inst.name)
+            killed.append(inst.pid)
+        return lab_driver(c.mode, c.postcopy, None, None)
+
+    raw = tmp_path / "raw.json"
+    try:
+        results = bench.run_bench(
+            name, ["stock"], 2, [1000], 0, tmp_path / "b.md", raw, Console(),
+            driver_for=driver_for,
+        )  # fmt: skip
+    finally:
+        lab.down(name)
+    assert len(killed) == 1
+    (runs,) = results.values()
+    assert len(runs) == 2 and all(r.stats.sent > 0 for r in runs)
+    assert [len(v) for v in json.loads(raw.read_text()).values()] == [2]
     assert leftovers(name) == []

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from netpass import lab, report, trial
 from netpass.analysis import SILENT_TAIL_MS, silent_at_end
-from netpass.errors import UsageError
+from netpass.errors import NetpassError, UsageError
 
 Metric = Callable[[report.RunRecord], float | None]
 
@@ -254,15 +254,7 @@ def run_bench(
                 if i >= c.runs:
                     continue
                 done += 1
-                # One warmed-up guest goes back and forth between the hosts; a new one only
-                # when it died (lab.warm_up says why a guest's first migration is avoided).
-                if lab.vm_running(st):
-                    lab.ensure_incoming(st, paused=(c.mode == "netpass"))
-                else:
-                    why = lab.vm_death(st)
-                    console.print(f"the lab VM is gone ({why}): booting a new one", highlight=False)
-                    lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
-                rec = trial.run_trial(st, c.label, c.rate, driver_for(c))
+                rec = _one_run(st, c, driver_for, console)
                 results[c].append(rec)
                 console.print(
                     f"[{done}/{total}] {c.label}: lost {rec.stats.lost} "
@@ -272,14 +264,35 @@ def run_bench(
                 )
     finally:
         lab.down(name)
+        if raw_json is not None:  # also when the bench stops early: the runs done are kept
+            raw_json.write_text(
+                json.dumps({c.label: [r.to_dict() for r in rs] for c, rs in results.items()})
+            )
     out_md.parent.mkdir(parents=True, exist_ok=True)
     _write_keeping_setup(out_md, render_markdown(cells, results, machine_info(), command))
     console.print(f"wrote {out_md}")
-    if raw_json is not None:
-        raw_json.write_text(
-            json.dumps({c.label: [r.to_dict() for r in rs] for c, rs in results.items()})
-        )
     return results
+
+
+def _one_run(
+    st: lab.LabState, c: Cell, driver_for: Callable[[Cell], trial.Driver], console: Console
+) -> report.RunRecord:
+    """One measured run. One warmed-up guest goes back and forth between the hosts; a new one
+    only when it died (lab.warm_up says why a guest's first migration is avoided), also when
+    it dies between the check and the run (the run is then made on the new one)."""
+    for attempt in (1, 2):
+        if lab.vm_running(st):
+            lab.ensure_incoming(st, paused=(c.mode == "netpass"))
+        else:
+            why = lab.vm_death(st)
+            console.print(f"the lab VM is gone ({why}): booting a new one", highlight=False)
+            lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
+        try:
+            return trial.run_trial(st, c.label, c.rate, driver_for(c))
+        except NetpassError:
+            if attempt == 2 or lab.vm_running(st):
+                raise
+    raise AssertionError("unreachable")
 
 
 # --- set-up and tear-down under traffic -------------------------------------------------------
