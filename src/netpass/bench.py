@@ -263,11 +263,11 @@ def run_bench(
                     highlight=False,
                 )
     finally:
-        lab.down(name)
         if raw_json is not None:  # also when the bench stops early: the runs done are kept
             raw_json.write_text(
                 json.dumps({c.label: [r.to_dict() for r in rs] for c, rs in results.items()})
             )
+        lab.down(name)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     _write_keeping_setup(out_md, render_markdown(cells, results, machine_info(), command))
     console.print(f"wrote {out_md}")
@@ -277,22 +277,27 @@ def run_bench(
 def _one_run(
     st: lab.LabState, c: Cell, driver_for: Callable[[Cell], trial.Driver], console: Console
 ) -> report.RunRecord:
-    """One measured run. One warmed-up guest goes back and forth between the hosts; a new one
-    only when it died (lab.warm_up says why a guest's first migration is avoided), also when
-    it dies between the check and the run (the run is then made on the new one)."""
-    for attempt in (1, 2):
+    """One measured run, made on a new VM if the lab's died, also between the check and the
+    run (a guest that panics after a migration takes a moment to end its QEMU)."""
+    _vm_ready(st, c, console)
+    try:
+        return trial.run_trial(st, c.label, c.rate, driver_for(c))
+    except NetpassError:
         if lab.vm_running(st):
-            lab.ensure_incoming(st, paused=(c.mode == "netpass"))
-        else:
-            why = lab.vm_death(st)
-            console.print(f"the lab VM is gone ({why}): booting a new one", highlight=False)
-            lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
-        try:
-            return trial.run_trial(st, c.label, c.rate, driver_for(c))
-        except NetpassError:
-            if attempt == 2 or lab.vm_running(st):
-                raise
-    raise AssertionError("unreachable")
+            raise
+    _vm_ready(st, c, console)
+    return trial.run_trial(st, c.label, c.rate, driver_for(c))
+
+
+def _vm_ready(st: lab.LabState, c: Cell, console: Console) -> None:
+    # One warmed-up guest goes back and forth between the hosts; a new one only when it died
+    # (lab.warm_up says why a guest's first migration is avoided).
+    if lab.vm_running(st):
+        lab.ensure_incoming(st, paused=(c.mode == "netpass"))
+    else:
+        why = lab.vm_death(st)
+        console.print(f"the lab VM is gone ({why}): booting a new one", highlight=False)
+        lab.fresh_vm(st, paused_incoming=(c.mode == "netpass"))
 
 
 # --- set-up and tear-down under traffic -------------------------------------------------------

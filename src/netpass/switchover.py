@@ -302,7 +302,6 @@ class SourceNic:
         if hold is not None:
             hold.close()
         self._unredirect()
-        assert self._sock is not None
         late = [fr.data for fr in self._sock.recv_many(100000)]
         for f in late:
             self._inj.send(f)
