@@ -258,35 +258,47 @@ def test_agent_killed_mid_migration_migration_completes(lab2: lab.LabState, side
 
 def test_destination_killed_at_the_stop_gives_frames_back(lab2: lab.LabState) -> None:
     """The destination QEMU dies at the source's STOP, after the destination agent closed its
-    hold but before any accounting (which waits for a RESUME that never comes): the source
-    fails, runs again, and its agent gives back exactly what the stopped guest did not take."""
+    hold but before the accounting (which waits for a RESUME that never comes): the source
+    fails, runs again, and its agent gives back exactly what the stopped guest did not take,
+    the frames QEMU dropped during its own stop included. Both agents acknowledge the ABORT
+    (the destination's hold is on a tap whose QEMU is gone)."""
     st = lab.load(lab2.name)
     dst_inst = lab.ensure_incoming(st, paused=True)
     s = st.status()
     src, dst = s["source"], s["destination"]
     assert isinstance(src, dict) and isinstance(dst, dict)
     hit: list[str] = []
-    aborted = 'netpass_migrations_total{outcome="aborted",side="source"}'
-    before = _metrics(st.host_ns(src["host"])).get(aborted, 0.0)
+    aborted = 'netpass_migrations_total{outcome="aborted",side="%s"}'
+    before = _metrics(st.host_ns(src["host"])).get(aborted % "source", 0.0)
+    before_dst = _metrics(st.host_ns(dst["host"])).get(aborted % "destination", 0.0)
 
     def on_progress(p: Progress) -> None:
         if p.phase == "switch" and not hit:
             hit.append(p.phase)
-            vm.kill(dst_inst.pid, dst_inst.name)  # 12 MiB of final load still to send
+            # At once (a SIGTERM'd QEMU finishes its load first), while the source still has
+            # most of its final load to send: it fails and runs again instead of completing
+            # into a dead destination (with a 12 MiB final load it did so in 1 run of 40).
+            assert vm.is_our_qemu(dst_inst.pid, dst_inst.name)
+            os.kill(dst_inst.pid, signal.SIGKILL)
 
     async def go() -> None:
         await migrate_two_hosts(
             src["qmp"], dst["qmp"], str(s["migration_uri"]),
             _addr(st, src["host"]), _addr(st, dst["host"]), _ctx(st), progress=on_progress,
+            downtime_ms=600,  # QEMU stops with about 50 MiB left: the kill lands mid-send
         )  # fmt: skip
 
     stats = fails_under_probe(st, go, "failed; the source VM runs again")
     lab.stop_instance(st, dst_inst)
     assert hit == ["switch"]
     assert stats.sent > 500 and stats.lost == 0 and stats.duplicates == 0, stats
-    assert stats.reordered == 0, stats
-    # The source agent gave the frames back and ended the migration as aborted.
-    assert _metrics(st.host_ns(src["host"])).get(aborted, 0.0) == before + 1
+    # QEMU may drop a frame at its stop and keep the next one, which it hands over the moment
+    # the source runs again: the dropped one can only follow (1 run in 50, one frame).
+    assert stats.reordered <= 2, stats
+    # The source agent gave the frames back and ended the migration as aborted; the
+    # destination agent opened its hold and acknowledged (it used to wait out a 10 s timeout).
+    assert _metrics(st.host_ns(src["host"])).get(aborted % "source", 0.0) == before + 1
+    assert _metrics(st.host_ns(dst["host"])).get(aborted % "destination", 0.0) == before_dst + 1
     _eventually(lambda: tc_clean(lab.load(lab2.name)), 2.0)
 
 

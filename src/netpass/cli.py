@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -230,6 +231,8 @@ def cmd_agent(a: argparse.Namespace) -> int:
     from netpass.sysutil import require_root
 
     require_root()
+    # A daemon's log: what it gave back, cleaned up or refused, with the time it happened.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     host, port = parse_listen(a.listen)
     opts = AgentOptions(host, port, a.tls_cert, a.tls_key, a.tls_ca, a.metrics_port,
                         a.frame_budget, watchdog=not a.no_watchdog)  # fmt: skip

@@ -109,6 +109,8 @@ async def _final_info(src: Qmp) -> dict[str, Any]:
         info = await src.cmd("query-migrate")
         if info.get("downtime") and info.get("total-time"):
             break
+        if info.get("status") in ("failed", "cancelled"):
+            break  # no downtime to wait for: asking 20 times only made a failure 1 s slower
         await asyncio.sleep(0.05)
     return info
 
@@ -281,6 +283,18 @@ async def migrate(
     if netpass:
         return await migrate_netpass(src_qmp, dst_qmp, uri, **kw)
     return await migrate_stock(src_qmp, dst_qmp, uri, **kw)
+
+
+async def used_at_stop(q: Qmp, nics: list[NicInfo]) -> list[int] | None:
+    """Every NIC's used-idx while the source is stopped (QEMU answers once its migration
+    thread lets go of the big lock, after the device state is out); None if the source runs
+    again by then (the migration failed): that reading may count frames the resumed guest
+    took. `query-status` goes right behind the reads, and a failed source only ever goes
+    from stopped to running: not running then means not running during the reads."""
+    *read, status = await asyncio.gather(
+        *(used_idx(q, n) for n in nics), q.cmd("query-status")
+    )  # fmt: skip
+    return None if status["status"] == "running" else [int(u) for u in read]
 
 
 async def stable_used(q: Qmp, nic: NicInfo) -> int:
@@ -525,7 +539,12 @@ class NetpassTimeline:
         self.phase.enter("switch")
         self.start.source_stopped()
         for p in self.pairs:
-            p.src.stop_relay()  # a stopped guest takes nothing more
+            # A stopped guest takes nothing more; its tap queue is emptied now, while QEMU
+            # saves the device state, so a failed migration gives back in order.
+            try:
+                p.src.drain_at_stop()
+            except DatapathError as e:
+                self._fail_datapath(e)
         # Postcopy closed the hold before migrate-start-postcopy (_arm_destination).
         resumed = asyncio.Event()
         early: list[asyncio.Task[None]] = []
@@ -598,8 +617,11 @@ class NetpassTimeline:
         """Split relayed frames into received and owed (the query waits for QEMU's big lock,
         which its migration thread holds until the device state is out)."""
         try:
-            for p in self.pairs:
-                p.src.account(await used_idx(self.src, p.src.nic))
+            used = await used_at_stop(self.src, [p.src.nic for p in self.pairs])
+            if used is None:
+                return  # the source runs again: the give-back reads the used-idx then
+            for p, u in zip(self.pairs, used, strict=True):
+                p.src.account(u)
                 await asyncio.to_thread(p.src.drain_tap)
         except (DatapathError, MigrationError) as e:
             self._fail_datapath(e)

@@ -113,6 +113,7 @@ class SourceNic:
         self._relayed: list[bytes] = []  # relay order since U0
         self._relayed_tail: list[bytes] = []  # relayed frames the source guest did not get
         self._drained: list[bytes] = []  # of those, read back out of the stopped tap queue
+        self._drained_at_stop = False  # the tap queue was emptied at the stop (two hosts)
         self._relaying = False
         self._dest_runs = False  # until then the capture reads in batches
         # Owed frames handed out before the destination ran: they may sit in the tap of a
@@ -197,6 +198,8 @@ class SourceNic:
                 )
             self.counters.consumed = k
             owed = self._relayed[k:]
+            if not _in_order_within(self._drained, owed):  # drained at the stop, before this
+                raise DatapathError(f"{self.nic.nic_id}: drained frames netpass did not owe")
             self._rescue = collections.deque([*owed, *self._pending])
             self._pending.clear()
             self.counters.rescued = len(self._rescue)
@@ -209,14 +212,34 @@ class SourceNic:
 
         A stopped QEMU reads at most one more frame, then stops polling the tap. The drained
         frames cross-check the accounting and let a failed migration give back exactly.
+        Called at the stop too (`drain_at_stop`); the frames of both reads are kept.
         """
         assert self._fd is not None
         frames = tapfd.drain(self._fd, self._hdr)
-        self.counters.drained = len(frames)
-        self._drained = frames
-        if not _in_order_within(frames, self._relayed_tail):
-            raise DatapathError(f"{self.nic.nic_id}: tap queue holds frames netpass did not owe")
+        with self._lock:
+            self._drained += frames
+            self.counters.drained = len(self._drained)
+            tail = self._relayed_tail if self._rescue is not None else self._relayed
+            if not _in_order_within(self._drained, tail):
+                raise DatapathError(
+                    f"{self.nic.nic_id}: tap queue holds frames netpass did not owe"
+                )
         return len(frames)
+
+    def drain_at_stop(self) -> int:
+        """Stop relaying and empty the tap queue of the source QEMU that just stopped, while it
+        still saves the device state (QEMU reads the tap again only once that is done).
+
+        QEMU drops the 0-2 frames it read during its own stop; if the migration then fails
+        and the source runs again, the frames still in the tap queue would reach the guest
+        before netpass could give those back. Drained here, they go back behind them, in
+        order; and the resumed guest's used-idx then counts exactly what it took before the
+        stop (plus the one frame QEMU may have read after this drain).
+        """
+        self.stop_relay()
+        n = self.drain_tap()
+        self._drained_at_stop = True
+        return n
 
     def set_flush_point(self) -> None:
         """From now on the destination tap receives its own copy of broadcast/multicast (the
@@ -271,6 +294,14 @@ class SourceNic:
         """
         self._stop_thread()  # it would otherwise capture into what is being handed back
         assert self._sock is not None
+        if self._rescue is None and self._drained_at_stop and used_idx_now is not None:
+            # Stopped, drained, not accounted (two hosts account after the destination's
+            # RESUME; the orchestrator sends FINAL first when it read the used-idx during the
+            # stop): the resumed guest took nothing from the empty tap, so NOW is the stop's
+            # used-idx unless QEMU read one frame after the drain (then that one is doubled
+            # if it also dropped one at the stop).
+            with contextlib.suppress(DatapathError):  # inconsistent: give back what is here
+                self.account(used_idx_now)
         with self._lock:
             self._relaying = False
             for fr in self._sock.recv_many(100000):  # what the paused thread left there
@@ -287,11 +318,15 @@ class SourceNic:
                 frames = [*missing, *self._drained, *rest]
             else:
                 # Still relaying when it failed: relayed frames are in the tap queue of a running
-                # VM and reach it; only the not yet relayed ones are owed.
-                frames = list(self._pending)
+                # VM and reach it; only the not yet relayed ones are owed (and those netpass
+                # took out of the tap queue at the stop).
+                frames = [*self._drained, *self._pending]
+            # Handed back once: an ABORT after RESUMED gives back again, with nothing left.
             self._rescue = collections.deque()
             self._unconfirmed.clear()
             self._pending.clear()
+            self._drained = []
+            self._relayed_tail = []
         assert self._inj is not None
         for f in frames:
             self._inj.send(f)

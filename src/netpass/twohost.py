@@ -35,6 +35,7 @@ from netpass.orchestrator import (
     migrate_stock,
     stable_used,
     start_migration,
+    used_at_stop,
     wait_completed,
 )
 from netpass.qmp import Qmp, is_event
@@ -169,6 +170,15 @@ async def _expect(
             counts.update(ev.counters)
 
 
+async def _expect_ack(ch: Channel, acked: wire.MsgType, who: str, timeout: float) -> None:
+    """The ACK of ACKED. Other ACKs are skipped: the source agent's ACK(HOLD), which nothing
+    waits for, may still be unread."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await _expect(ch, wire.Ack, who, max(0.0, deadline - loop.time()))).acked != acked:
+        pass
+
+
 class TwoHostTimeline:
     def __init__(
         self,
@@ -197,6 +207,10 @@ class TwoHostTimeline:
         self.early_start = True  # may the destination get `cont` while it loads
         self.start = DestStart(src, dst, postcopy)
         self.armed = False  # postcopy: HOLD went to the destination before the source stopped
+        # The used-idx read while the source is stopped (queued at its STOP; QEMU answers once
+        # the device state is out), and whether the source agent has it as USED_IDX(FINAL).
+        self.at_stop: asyncio.Task[list[tuple[int, int]] | None] | None = None
+        self.final_sent = False
 
     def _fail(self, e: BaseException) -> None:
         self.live = False
@@ -233,6 +247,10 @@ class TwoHostTimeline:
             finally:
                 watcher.cancel()
         finally:
+            if self.at_stop is not None:
+                self.at_stop.cancel()  # a no-op once it is done; then its error is read here
+                if self.at_stop.done() and not self.at_stop.cancelled():
+                    self.at_stop.exception()
             await _measure(self.timing, self.src, self.dst)
             self._report()
         if failed is not None:
@@ -324,6 +342,7 @@ class TwoHostTimeline:
         self.phase.enter("switch")
         self.start.source_stopped()
         await self._hold()
+        self.at_stop = asyncio.create_task(self._read_at_stop())
         later = self._accounts_after_resume
         accounting = None if later else asyncio.create_task(self._account())
         try:
@@ -406,12 +425,20 @@ class TwoHostTimeline:
         except (ChannelError, NetpassError, TimeoutError) as e:
             self._fail(e)
 
+    async def _read_at_stop(self) -> list[tuple[int, int]] | None:
+        used = await used_at_stop(self.src, self.nics)
+        return None if used is None else list(enumerate(used))
+
     async def _account(self) -> None:
         if not self.live:
             return
         try:
-            final = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
+            assert self.at_stop is not None
+            final = await self.at_stop
+            if final is None:
+                return  # the source runs again: the give-back follows
             await self._used(wire.UsedPhase.FINAL, final)
+            self.final_sent = True
         except (ChannelError, NetpassError) as e:
             self._fail(e)
 
@@ -438,6 +465,13 @@ class TwoHostTimeline:
             await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
         if self.live:
             try:
+                if not self.final_sent and self.at_stop is not None:
+                    # The accounting first, with the used-idx read during the stop: the
+                    # give-back is then exact, frames QEMU dropped at its own stop included.
+                    with contextlib.suppress(MigrationError):
+                        if (final := await self.at_stop) is not None:
+                            await self._used(wire.UsedPhase.FINAL, final)
+                            self.final_sent = True
                 await asyncio.sleep(0.02)
                 now = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
                 await self._used(wire.UsedPhase.RESUMED, now)
@@ -454,7 +488,7 @@ class TwoHostTimeline:
             with contextlib.suppress(ChannelError, NetpassError, TimeoutError):
                 if ch.conn.migration_id is not None:
                     await self._send(who, wire.Abort(self.mid, "migration failed"))
-                    await _expect(ch, wire.Ack, who, timeout=10)
+                    await _expect_ack(ch, wire.MsgType.ABORT, who, timeout=10)
         self.live = False
 
     def _report(self) -> None:

@@ -138,10 +138,23 @@ class _Nic:
     spec: wire.NicSpec
     pid: int
     info: NicInfo
+    # The QEMU's network namespace, held open: when that QEMU dies (a destination killed
+    # mid-migration) netpass can still open its hold and remove its filters on a tap that
+    # outlives it, instead of failing on a /proc/PID path that is gone.
+    ns_fd: int = -1
 
     @property
     def netns(self) -> str:
-        return f"/proc/{self.pid}/ns/net"
+        return (
+            f"/proc/{os.getpid()}/fd/{self.ns_fd}"
+            if self.ns_fd >= 0
+            else f"/proc/{self.pid}/ns/net"
+        )
+
+    def close(self) -> None:
+        if self.ns_fd >= 0:
+            os.close(self.ns_fd)
+            self.ns_fd = -1
 
 
 class SessionError(NetpassError):
@@ -206,7 +219,7 @@ class SourceSession:
                 half.observe_used(u)
         if phase == wire.UsedPhase.STOPPED:
             for half in self.halves.values():
-                half.stop_relay()
+                half.drain_at_stop()  # reads that never block, of a few frames
 
     def flood_point(self) -> None:
         """From now on floods captured here also reach the destination's hold: neither relay
@@ -301,7 +314,14 @@ class SourceSession:
         self.given_back = True
         for nic_id, half in self.halves.items():
             u = None if used is None else used.get(nic_id)
-            await asyncio.to_thread(half.give_back, u)
+            n = await asyncio.to_thread(half.give_back, u)
+            c = half.counters
+            log.info(
+                "%s: nic%d gave back %d frames (used-idx %s; captured %d, relayed %d, consumed "
+                "%d, drained %d, dropped %s)",
+                self.mid, nic_id, n, u, c.captured, c.relayed, c.consumed, c.drained,
+                dict(c.dropped),
+            )  # fmt: skip
 
     def counters(self) -> tuple[tuple[str, int], ...]:
         out: list[tuple[str, int]] = []
@@ -588,9 +608,13 @@ class HostAgent:
 
     async def _migration(self, ch: Channel, prep: wire.Prepare) -> None:
         mid = prep.migration_id
+        nics: list[_Nic] = []
         try:
-            nics = [self._nic(spec) for spec in prep.nics]
+            for spec in prep.nics:
+                nics.append(self._nic(spec))
         except (DatapathError, HostError) as e:
+            for n in nics:
+                n.close()
             await ch.send(wire.Abort(mid, f"cannot prepare: {e}"[:1024]))
             await ch.expect(wire.Ack)
             return
@@ -645,10 +669,15 @@ class HostAgent:
                     outcome = await self._dest_end(ch, dst)
                     return
                 elif isinstance(ev, wire.Abort):
-                    if src is not None and side == "source":
-                        await src.give_back(None)
-                    if dst is not None:
-                        await dst.discard()
+                    try:
+                        if src is not None and side == "source":
+                            await src.give_back(None)
+                        if dst is not None:
+                            await dst.discard()
+                    except (NetpassError, OSError) as e:
+                        # Acknowledged all the same: the orchestrator would otherwise wait
+                        # for an ACK that never comes (an ABORT may not answer an ABORT).
+                        log.warning("migration %s (%s): on ABORT: %s", mid, side, e)
                     await ch.send(wire.Ack(mid, wire.MsgType.ABORT))
                     outcome = "aborted"
                     return
@@ -667,6 +696,8 @@ class HostAgent:
             for s in (src, dst):
                 if s is not None:
                     await s.close()
+            for n in nics:
+                n.close()
 
     async def _source_end(self, ch: Channel, src: SourceSession) -> str:
         """After the stop: stream until the destination ran and the source went quiet, while
@@ -709,7 +740,12 @@ class HostAgent:
 
     def _nic(self, spec: wire.NicSpec) -> _Nic:
         pid, fds = find_tap_owner(spec.tap)
-        return _Nic(spec, pid, _nic_info(spec, fds))
+        nic = _Nic(spec, pid, _nic_info(spec, fds))
+        try:
+            nic.ns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DatapathError(f"tap {spec.tap}: QEMU {pid} is gone ({e.strerror})") from e
+        return nic
 
     # Frame channel: a source agent streams one migration's owed frames.
     async def frames(self, ch: Channel) -> None:
