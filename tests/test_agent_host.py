@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -16,6 +18,7 @@ from netpass.agent.host import (
     DestSession,
     HostAgent,
     SessionError,
+    _end_listening,
     _Nic,
     _nic_info,
     _rx_filter,
@@ -117,3 +120,50 @@ def test_tap_owner_is_the_one_in_the_agents_namespace() -> None:
             p.wait()
         for ns in nss:
             subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+class _Control:
+    """The orchestrator's side of a control channel, scripted: RECV hands out EVENTS in turn."""
+
+    def __init__(self, events: list[wire.Event]) -> None:
+        self.events = asyncio.Queue[wire.Event]()
+        for ev in events:
+            self.events.put_nowait(ev)
+        self.sent: list[wire.Message] = []
+
+    async def recv(self) -> wire.Event:
+        return await self.events.get()
+
+    async def send(self, msg: wire.Message) -> None:
+        self.sent.append(msg)
+
+
+def test_work_called_off_by_resumed_then_abort_ends_as_aborted() -> None:
+    """After the stop the source agent streams while it reads the control channel; USED_IDX
+    (RESUMED) calls the stream off and gives the frames back, and the ABORT behind it must
+    still be read and answered (the cancelled stream once ended the session with
+    CancelledError: no ACK(ABORT), the migration counted as failed)."""
+    mid = uuid4()
+    ch = _Control([wire.UsedIdx(mid, wire.UsedPhase.RESUMED, ((0, 7),)), wire.Abort(mid, "x")])
+    seen: list[str] = []
+
+    async def stream() -> tuple[wire.NicSummary, ...]:
+        await asyncio.sleep(3600)
+        return ()
+
+    async def on_event(work: asyncio.Task[Any], ev: object) -> str | None:
+        if isinstance(ev, wire.UsedIdx):
+            work.cancel()
+            await asyncio.sleep(0)  # the give-back
+            seen.append("resumed")
+            return None
+        if isinstance(ev, wire.Abort):
+            await ch.send(wire.Ack(mid, wire.MsgType.ABORT))
+            return "aborted"
+        return None
+
+    outcome = asyncio.run(
+        asyncio.wait_for(_end_listening(ch, mid, stream(), lambda: (), on_event), 5)  # type: ignore[arg-type]
+    )
+    assert outcome == "aborted" and seen == ["resumed"]
+    assert [type(m).__name__ for m in ch.sent] == ["Ack"]

@@ -291,9 +291,11 @@ def test_destination_killed_at_the_stop_gives_frames_back(lab2: lab.LabState) ->
     stats = fails_under_probe(st, go, "failed; the source VM runs again")
     lab.stop_instance(st, dst_inst)
     assert hit == ["switch"]
-    assert stats.sent > 500 and stats.lost == 0 and stats.duplicates == 0, stats
-    # QEMU may drop a frame at its stop and keep the next one, which it hands over the moment
-    # the source runs again: the dropped one can only follow (1 run in 50, one frame).
+    # Exact, but for the limit design.md states: when the source runs again before QEMU
+    # answers the read at the stop and QEMU both dropped a frame and kept the next, the
+    # dropped one is lost and the kept one doubled (1 run in 30 here; a loss alone, as before
+    # the fix, fails). QEMU hands the kept frame over first: the dropped one can only follow.
+    assert stats.sent > 500 and stats.lost == stats.duplicates <= 1, stats
     assert stats.reordered <= 2, stats
     # The source agent gave the frames back and ended the migration as aborted; the
     # destination agent opened its hold and acknowledged (it used to wait out a 10 s timeout).

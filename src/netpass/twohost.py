@@ -433,8 +433,7 @@ class TwoHostTimeline:
         if not self.live:
             return
         try:
-            assert self.at_stop is not None
-            final = await self.at_stop
+            final = await (self.at_stop or self._read_at_stop())
             if final is None:
                 return  # the source runs again: the give-back follows
             await self._used(wire.UsedPhase.FINAL, final)

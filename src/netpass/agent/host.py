@@ -560,8 +560,12 @@ async def _end_listening(
     nxt: asyncio.Task[wire.Event] = asyncio.create_task(ch.recv())
     try:
         while True:
-            done, _ = await asyncio.wait({task, nxt}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
+            # Once ON_EVENT called the work off (RESUMED: the frames went back to the source
+            # VM), only the control channel is left to read; its cancelled task is no result.
+            called_off = task.done() and task.cancelled()
+            waiting = {nxt} if called_off else {task, nxt}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if task in done and not task.cancelled():
                 summaries = task.result()
                 await ch.send(wire.Counts(mid, counters()))
                 await ch.send(wire.End(mid, summaries))
@@ -569,6 +573,8 @@ async def _end_listening(
                 if not isinstance(ack, wire.Ack):
                     raise SessionError(f"expected ACK(END), got {type(ack).__name__}")
                 return "completed"
+            if nxt not in done:
+                continue  # the work was just called off; the channel has said nothing yet
             exc = nxt.exception()
             outcome = await on_event(task, exc if exc is not None else nxt.result())
             if outcome is not None:
