@@ -379,8 +379,9 @@ class TwoHostTimeline:
         closed) the destination starts by itself once it has the device state, and the
         accounting, the source agent's drain and stream and the destination agent's injection
         wait until it runs, off the CPU it loads and starts on (the owed frames go in just
-        after RESUME). The stopped source's used-idx does not move meanwhile, and a failure
-        before RESUME gives back with the used-idx read after the source resumed."""
+        after RESUME). The stopped source's used-idx does not move meanwhile (it is read at
+        the STOP); a failure before RESUME gives back with that reading, if QEMU answered it
+        before the source ran again, and the one read after."""
         return self.start.refusal is None
 
     async def _hold(self) -> None:
