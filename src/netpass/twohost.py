@@ -431,12 +431,15 @@ class TwoHostTimeline:
         return None if used is None else list(enumerate(used))
 
     async def _account(self) -> None:
-        if not self.live:
+        """USED_IDX(FINAL) with the reading taken at the STOP, once; none if the source ran
+        again before QEMU answered it (the give-back then has only the resumed reading)."""
+        if not self.live or self.final_sent:
             return
         try:
-            final = await (self.at_stop or self._read_at_stop())
+            assert self.at_stop is not None
+            final = await self.at_stop
             if final is None:
-                return  # the source runs again: the give-back follows
+                return
             await self._used(wire.UsedPhase.FINAL, final)
             self.final_sent = True
         except (ChannelError, NetpassError) as e:
@@ -463,15 +466,12 @@ class TwoHostTimeline:
         self.phase.enter("give-back")
         if await _status(self.src) != "running":
             await self.src.wait_event(is_event("RESUME"), 30, what="source RESUME after failure")
+        if self.at_stop is not None:
+            # The accounting first, with the used-idx read during the stop: the give-back is
+            # then exact, frames QEMU dropped at its own stop included.
+            await self._account()
         if self.live:
             try:
-                if not self.final_sent and self.at_stop is not None:
-                    # The accounting first, with the used-idx read during the stop: the
-                    # give-back is then exact, frames QEMU dropped at its own stop included.
-                    with contextlib.suppress(MigrationError):
-                        if (final := await self.at_stop) is not None:
-                            await self._used(wire.UsedPhase.FINAL, final)
-                            self.final_sent = True
                 await asyncio.sleep(0.02)
                 now = [(s, await used_idx(self.src, n)) for s, n in enumerate(self.nics)]
                 await self._used(wire.UsedPhase.RESUMED, now)

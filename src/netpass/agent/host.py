@@ -562,8 +562,7 @@ async def _end_listening(
         while True:
             # Once ON_EVENT called the work off (RESUMED: the frames went back to the source
             # VM), only the control channel is left to read; its cancelled task is no result.
-            called_off = task.done() and task.cancelled()
-            waiting = {nxt} if called_off else {task, nxt}
+            waiting = {nxt} if task.cancelled() else {task, nxt}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if task in done and not task.cancelled():
                 summaries = task.result()
